@@ -1,0 +1,84 @@
+"""Decode each split once into a uint8 tensor file beside the data, keyed by a fingerprint.
+
+The file holds only tensors, lists of strings and ints: it is loaded with weights_only=True."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cifar_lightning.data.folder import KerasImageFolder
+from cifar_lightning.errors import UserError
+
+CACHE_VERSION = 1
+
+
+def fingerprint(ds: KerasImageFolder, image_size: int, resize: str) -> str:
+    """Paths, sizes, mtimes, class list, image size and resize rule: a changed folder rebuilds."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{image_size}|{resize}|{ds.skip_bad_files}|{ds.classes}".encode())
+    for path, label in ds.samples:
+        st = os.stat(path)
+        h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def load_split(ds: KerasImageFolder, image_size: int, resize: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(images uint8 N x 3 x S x S, labels int64 N, paths) of an ImageFolder split, from the cache
+    if its fingerprint matches. Bad files are an error, or skipped with skip_bad_files."""
+    root = Path(ds.root)
+    key = fingerprint(ds, image_size, resize)
+    path = root.parent / f".cache-{root.name}-{key}.pt"
+    if path.exists():
+        try:
+            data = torch.load(path, weights_only=True)
+            if data["fingerprint"] == key and data["images"].shape[0] == len(data["paths"]):
+                return data["images"], data["labels"], data["paths"]
+        except Exception:  # an unreadable cache is rebuilt, never trusted
+            pass
+    images = torch.empty(len(ds.samples), 3, image_size, image_size, dtype=torch.uint8)
+    bad = []
+    for i, (p, _) in enumerate(tqdm(ds.samples, desc=f"caching {root.name}", unit="img", mininterval=1.0)):
+        try:
+            images[i] = ds.loader(p)
+        except UserError as exc:
+            if not ds.skip_bad_files:
+                raise
+            bad.append((i, exc))
+    labels = torch.tensor(ds.targets, dtype=torch.int64)
+    paths = [p for p, _ in ds.samples]
+    if bad:
+        keep = torch.ones(len(images), dtype=torch.bool)
+        keep[[i for i, _ in bad]] = False
+        images, labels = images[keep], labels[keep]
+        paths = [p for p, k in zip(paths, keep.tolist()) if k]
+        warn_skipped(root, [str(e) for _, e in bad])
+    _atomic_save({"fingerprint": key, "images": images, "labels": labels, "paths": paths,
+                  "classes": list(ds.classes)}, path)
+    for old in root.parent.glob(f".cache-{root.name}-*.pt"):
+        if old != path:
+            old.unlink(missing_ok=True)
+    return images, labels, paths
+
+
+def warn_skipped(root: Path, messages: list[str]) -> None:
+    import warnings
+
+    first = "; ".join(messages[:3])
+    warnings.warn(f"{root}: skipped {len(messages)} unreadable image(s) (data.skip_bad_files=true): {first}",
+                  stacklevel=2)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    """Write beside the target then rename: readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

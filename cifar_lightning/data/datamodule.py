@@ -1,0 +1,144 @@
+"""The LightningDataModule: prepare the layout, check classes across splits, serve batches.
+
+Two paths, identical batches (same DirectoryBatchSampler):
+  cache=true   decode each split once into a uint8 tensor (CPU, or GPU memory when training on
+               one); batches are gathered by index, no worker processes. For data that fits in memory.
+  cache=false  torchvision ImageFolder + DataLoader workers decode with PIL every epoch. For data
+               that does not fit in memory.
+Both yield uint8 images; the network does the 1/255 rescaling."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from tqdm import tqdm
+
+from cifar_lightning.data.cache import load_split, warn_skipped
+from cifar_lightning.data.folder import KerasImageFolder
+from cifar_lightning.data.prepare import ensure_layout
+from cifar_lightning.data.sampler import DirectoryBatchSampler
+from cifar_lightning.errors import UserError
+
+
+class TensorImages(Dataset):
+    """Images and labels in two tensors; DataLoader fetches a whole batch with one gather."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, device=self.images.device)
+        return self.images[idx], self.labels[idx]
+
+
+def _whole_batch(batch):
+    return batch
+
+
+def check_same_classes(splits: dict[str, list[str]]) -> list[str]:
+    """All splits must have the same class folders; else name the classes and the splits."""
+    (first, classes), *rest = splits.items()
+    for name, other in rest:
+        if other != classes:
+            only_first, only_other = sorted(set(classes) - set(other)), sorted(set(other) - set(classes))
+            detail = []
+            if only_first:
+                detail.append(f"{only_first} only in {first}")
+            if only_other:
+                detail.append(f"{only_other} only in {name}")
+            raise UserError(f"class folders differ between splits {first} and {name}: "
+                            + ("; ".join(detail) or f"order {classes} vs {other}"))
+    return classes
+
+
+class CifarDataModule(L.LightningDataModule):
+    def __init__(self, root: str, source: str = "download", train_dirs=("train_1", "train_2", "train_3", "train_4"),
+                 val_dir: str = "valid", test_dir: str = "test", batch_size: int = 64, image_size: int = 32,
+                 cache: bool = True, num_workers: int = 0, skip_bad_files: bool = False,
+                 batching: str = "per_directory", resize: str = "tf_bilinear", seed: int = 0):
+        super().__init__()
+        self.root, self.source = Path(root), source
+        self.train_dirs, self.val_dir, self.test_dir = list(train_dirs), val_dir, test_dir
+        self.batch_size, self.image_size, self.cache = batch_size, image_size, cache
+        self.num_workers, self.skip_bad_files = num_workers, skip_bad_files
+        self.batching, self.resize, self.seed = batching, resize, seed
+        self.classes: list[str] | None = None
+        self._data: dict[str, Dataset] = {}
+        self.paths: dict[str, list[str]] = {}  # per split, in loader order (for predictions.csv)
+
+    @property
+    def split_names(self) -> list[str]:
+        return [*self.train_dirs, self.val_dir, self.test_dir]
+
+    def prepare_data(self):
+        ensure_layout(self.root, self.source, self.split_names)
+
+    def _folder(self, name: str) -> KerasImageFolder:
+        return KerasImageFolder(self.root / name, self.image_size, self.resize, self.skip_bad_files)
+
+    def setup(self, stage: str | None = None):
+        if self._data:
+            return
+        folders = {name: self._folder(name) for name in self.split_names}
+        self.classes = check_same_classes({n: f.classes for n, f in folders.items()})
+        device = self._cache_device()
+        for name, folder in folders.items():
+            if self.cache:
+                images, labels, self.paths[name] = load_split(folder, self.image_size, self.resize)
+                self._data[name] = TensorImages(images.to(device), labels.to(device))
+            else:
+                self._data[name] = check_images(folder)
+                self.paths[name] = [p for p, _ in folder.samples]
+
+    def _cache_device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        return device if device.type == "cuda" else torch.device("cpu")
+
+    def _loader(self, names: list[str], mode: str) -> DataLoader:
+        datasets = [self._data[n] for n in names]
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = DirectoryBatchSampler([len(d) for d in datasets], self.batch_size, mode, self.seed, rank, world)
+        if self.cache:
+            dataset = TensorImages(torch.cat([d.images for d in datasets]), torch.cat([d.labels for d in datasets]))
+            return DataLoader(dataset, batch_sampler=sampler, collate_fn=_whole_batch, num_workers=0)
+        return DataLoader(ConcatDataset(datasets), batch_sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader(self.train_dirs, self.batching)
+
+    def val_dataloader(self):
+        return self._loader([self.val_dir], "sequential")
+
+    def test_dataloader(self):
+        return self._loader([self.test_dir], "sequential")
+
+
+def check_images(folder: KerasImageFolder) -> KerasImageFolder:
+    """Per-file path: decode each file once at setup, so a bad file is found now and not halfway
+    through epoch 7. It is an error, or with skip_bad_files dropped with a warning."""
+    bad = []
+    for path, _ in tqdm(folder.samples, desc=f"checking {Path(folder.root).name}", unit="img", mininterval=1.0):
+        try:
+            folder.loader(path)
+        except UserError as exc:
+            if not folder.skip_bad_files:
+                raise
+            bad.append((path, str(exc)))
+    if bad:
+        paths = {p for p, _ in bad}
+        folder.samples = [s for s in folder.samples if s[0] not in paths]
+        folder.targets = [t for _, t in folder.samples]
+        folder.imgs = folder.samples
+        warn_skipped(Path(folder.root), [m for _, m in bad])
+    return folder

@@ -1,0 +1,167 @@
+"""The notebook's "Group Datasets" step: build root/{train_1..4,valid,test}/<NNN_class>/ from a source.
+
+    python -m cifar_lightning.prepare data.root=data/cifar10 data.source=../shared/data/cifar10-jpeg.tar.gz
+
+Sources: "download" (torchvision, md5-checked), the official cifar-10-python.tar.gz (checksum-
+verified before anything is unpickled), or image folders train/<class>/ + test/<class>/ as a
+.tar.gz or a directory. Split rule: official batches 1-4 -> train_1..4, batch 5 -> valid; for
+image folders, per class in file-name order, the first 4/5 go to train_1..4 in four equal runs
+(files 0-3999, 1,000 each, for CIFAR-10) and the rest to valid. The layout is built beside the
+target and renamed into place under a lock, so an interrupted or concurrent prepare never leaves
+a half-built root."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from cifar_lightning.data.folder import EXTENSIONS, find_classes
+from cifar_lightning.errors import UserError
+
+TRAIN_DIRS = ["train_1", "train_2", "train_3", "train_4"]
+
+
+def has_layout(root: Path, splits: list[str]) -> bool:
+    return all((root / s).is_dir() for s in splits)
+
+
+def ensure_layout(root: str | Path, source: str, splits: list[str]) -> Path:
+    """Return root, building it from source first if it lacks the layout."""
+    root = Path(root)
+    if has_layout(root, splits):
+        return root
+    if root.exists() and any(root.iterdir()):
+        missing = [s for s in splits if not (root / s).is_dir()]
+        raise UserError(f"data.root={root} exists but lacks {missing}; point data.root at a full layout "
+                        "or at a new directory to build one there")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(root.parent / f".{root.name}.lock"):
+        if has_layout(root, splits):  # another process built it while we waited
+            return root
+        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.building-"))
+        try:
+            build(source, tmp / "layout", work=tmp)
+            if root.exists():
+                root.rmdir()  # empty (checked above)
+            os.rename(tmp / "layout", root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not has_layout(root, splits):
+        raise UserError(f"data.source={source} did not give the splits {splits} under {root}")
+    return root
+
+
+@contextmanager
+def _lock(path: Path):
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build(source: str, out: Path, work: Path) -> None:
+    if source == "download":
+        return from_official(download(work), out)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"data.source={source}: no such file or directory")
+    if path.is_dir():
+        if (path / "cifar-10-batches-py").is_dir():
+            return from_official(path, out)
+        return from_image_folders(path, out)
+    if not tarfile.is_tarfile(path):
+        raise UserError(f"data.source={source}: not a .tar.gz archive or a directory")
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+        if any(n.startswith("cifar-10-batches-py") for n in names):
+            verify_official_archive(path)  # before anything is extracted or unpickled
+        tar.extractall(work / "src", filter="data")  # "data" refuses absolute paths, .. and devices
+    if (work / "src" / "cifar-10-batches-py").is_dir():
+        return from_official(work / "src", out)
+    return from_image_folders(work / "src", out)
+
+
+def download(work: Path) -> Path:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        CIFAR10(str(work / "download"), download=True)  # md5-checked by torchvision
+    except Exception as exc:
+        raise UserError(f"could not download CIFAR-10 from {CIFAR10.url} ({' '.join(str(exc).split())[:200]}); "
+                        "offline? use data.source=PATH to cifar-10-python.tar.gz or to an image-folder archive "
+                        "such as ../shared/data/cifar10-jpeg.tar.gz") from exc
+    return work / "download"
+
+
+def verify_official_archive(path: Path) -> None:
+    from torchvision.datasets import CIFAR10
+
+    md5 = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            md5.update(chunk)
+    if md5.hexdigest() != CIFAR10.tgz_md5:
+        raise UserError(f"data.source={path}: looks like cifar-10-python.tar.gz but fails its official md5 "
+                        f"checksum ({md5.hexdigest()} != {CIFAR10.tgz_md5}); refusing to unpickle it")
+
+
+def from_official(base: Path, out: Path) -> None:
+    """base holds cifar-10-batches-py/. torchvision checks every batch's md5 before unpickling."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        train, test = CIFAR10(str(base), train=True), CIFAR10(str(base), train=False)
+    except RuntimeError as exc:
+        raise UserError(f"{base / 'cifar-10-batches-py'}: {exc} (official md5 checksums failed)") from exc
+    folders = [f"{i:03d}_{c}" for i, c in enumerate(train.classes)]
+    n = len(train.data) // 5  # 10,000 per official batch
+    splits = [(d, train.data[k * n:(k + 1) * n], train.targets[k * n:(k + 1) * n])
+              for k, d in enumerate([*TRAIN_DIRS, "valid"])] + [("test", test.data, test.targets)]
+    for split, images, labels in splits:
+        for f in folders:
+            (out / split / f).mkdir(parents=True, exist_ok=True)
+        for i, (img, label) in enumerate(tqdm(list(zip(images, labels)), desc=f"writing {split}", unit="img",
+                                              mininterval=1.0)):
+            Image.fromarray(np.asarray(img)).save(out / split / folders[label] / f"{i:05d}.png")
+
+
+def _find_split_dirs(base: Path) -> tuple[Path, Path]:
+    for cand in [base, *sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))]:
+        if (cand / "train").is_dir() and (cand / "test").is_dir():
+            return cand / "train", cand / "test"
+    raise UserError(f"{base}: no train/ and test/ image folders found (expected train/<class>/ and test/<class>/)")
+
+
+def _images(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
+
+
+def from_image_folders(base: Path, out: Path) -> None:
+    from cifar_lightning.data.datamodule import check_same_classes
+
+    train_dir, test_dir = _find_split_dirs(base)
+    classes = check_same_classes({str(train_dir): find_classes(train_dir), str(test_dir): find_classes(test_dir)})
+    for i, cls in enumerate(tqdm(classes, desc="grouping", unit="class")):
+        folder = cls if re.match(r"^\d{3}_", cls) else f"{i:03d}_{cls}"
+        files = _images(train_dir / cls)
+        run = len(files) * 4 // 5 // 4  # files per train directory: 1,000 of 5,000
+        if run == 0:
+            raise UserError(f"{train_dir / cls}: {len(files)} images, too few to split into train_1..4 and valid")
+        parts = {d: files[k * run:(k + 1) * run] for k, d in enumerate(TRAIN_DIRS)}
+        parts["valid"], parts["test"] = files[4 * run:], _images(test_dir / cls)
+        for split, paths in parts.items():
+            (out / split / folder).mkdir(parents=True, exist_ok=True)
+            for p in paths:
+                shutil.copyfile(p, out / split / folder / p.name)

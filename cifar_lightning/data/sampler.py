@@ -1,0 +1,56 @@
+"""The batch order, shared by the cached and per-file paths so both see identical batches."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Sampler
+
+
+class DirectoryBatchSampler(Sampler[list[int]]):
+    """Keras's batching of concatenated directories (mode="per_directory"): each directory is
+    shuffled and cut into batches, keeping its last partial batch, then the batches are shuffled.
+    4 directories of 10,000 at batch 64 give 4 x 157 = 628 steps. mode="random" is one permutation
+    of everything (625 steps); mode="sequential" keeps file order (validation, test).
+
+    Each epoch reshuffles from (seed, epoch). With world_size > 1 each rank takes every
+    world_size-th batch; the list is padded by repeating batches so every rank steps equally."""
+
+    def __init__(self, sizes: list[int], batch_size: int, mode: str = "per_directory", seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if mode not in ("per_directory", "random", "sequential"):
+            raise ValueError(f"unknown batching mode {mode!r}")
+        self.sizes, self.batch_size, self.mode, self.seed = list(sizes), batch_size, mode, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+        # Lightning calls set_epoch(current_epoch) on `batch_sampler.sampler` before each epoch
+        # (also after a resume); we are our own sampler, so the order follows the epoch number.
+        self.sampler = self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        total = sum(self.sizes)
+        if self.mode == "sequential":
+            order = [torch.arange(total)]
+        elif self.mode == "random":
+            order = [torch.randperm(total, generator=g)]
+        else:
+            starts = torch.tensor([0] + self.sizes).cumsum(0).tolist()
+            order = [starts[i] + torch.randperm(n, generator=g) for i, n in enumerate(self.sizes)]
+        batches = [b.tolist() for idx in order for b in idx.split(self.batch_size)]
+        if self.mode != "sequential":
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        if self.world_size > 1:
+            batches += batches[: (-len(batches)) % self.world_size]
+            batches = batches[self.rank::self.world_size]
+        return batches
+
+    def __iter__(self):
+        yield from self.batches()
+
+    def __len__(self) -> int:
+        if self.mode == "random" or self.mode == "sequential":
+            n = -(-sum(self.sizes) // self.batch_size)
+        else:
+            n = sum(-(-s // self.batch_size) for s in self.sizes)
+        return -(-n // self.world_size)

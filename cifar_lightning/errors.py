@@ -1,0 +1,44 @@
+"""The one user-facing error type, and the one place that turns errors into an `error:` line.
+
+User mistakes (a bad folder, image, override or checkpoint) raise `UserError` where they are
+found. Entry points wrap their Hydra main in `cli()`, which prints them once, as one line,
+and exits non-zero. `HYDRA_FULL_ERROR=1` shows the full traceback instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A mistake the user can fix; its message names the file, folder, class or config key."""
+
+
+def _is_user_facing(exc: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(exc, (UserError, HydraException, OmegaConfBaseException))
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"error: {text}" if text else f"error: {type(exc).__name__}"
+
+
+def cli(hydra_main: Callable[[], object]) -> None:
+    """Run a @hydra.main function; print user errors as one `error:` line and exit 2."""
+    wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    # Make Hydra re-raise instead of printing its own multi-line report, so we print one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_main()
+    except Exception as exc:  # noqa: BLE001 - we decide below what is the user's to fix
+        cause = exc
+        while not _is_user_facing(cause) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if wants_traceback or not _is_user_facing(cause):
+            raise
+        print(one_line(cause), file=sys.stderr)
+        sys.exit(2)

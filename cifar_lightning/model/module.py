@@ -1,0 +1,69 @@
+"""The LightningModule: loss, torchmetrics, optimizer and plateau schedule around Model S.
+
+Hyperparameters are stored as plain dicts and lists, so checkpoints load with weights_only=True."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from cifar_lightning.config import instantiate
+from cifar_lightning.model.net import build_net
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, model: dict, optim: dict, scheduler: dict | None, class_names: list[str],
+                 monitor: str = "val/loss", image_size: int = 32):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = build_net(model, image_size)
+        self.channels_last = bool(model.get("channels_last"))
+        self.l2 = float(model.get("l2", 0.0))
+        if model.get("compile"):
+            self.net = torch.compile(self.net)
+        n = len(class_names)
+        # Keras's "accuracy" is the fraction correct: micro averaging (torchmetrics defaults to macro).
+        self.train_acc, self.val_acc, self.test_acc = (MulticlassAccuracy(n, average="micro") for _ in range(3))
+        self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def _step(self, batch, stage: str):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)  # = Keras sparse CE on the softmax, computed from logits
+        if stage == "train" and self.l2:  # Keras kernel_regularizer: part of the loss and of the reported loss
+            loss = loss + self.l2 * sum(p.pow(2).sum() for p in self.net.parameters() if p.ndim > 1)
+        acc = getattr(self, f"{stage}_acc")
+        acc.update(logits, y)
+        # Epoch means accumulate on the device (no per-step .item() sync); weighted by batch size,
+        # so the epoch loss is the per-image mean, as Keras reports it.
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=y.numel(), prog_bar=stage == "val")
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        return loss, logits
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")[0]
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        _, logits = self._step(batch, "test")
+        self.test_outputs.append((logits.float().softmax(-1).cpu(), batch[1].cpu()))
+
+    def on_test_epoch_start(self):
+        self.test_outputs = []
+
+    def configure_optimizers(self):
+        optimizer = instantiate(self.hparams.optim, "optim")(params=self.parameters())
+        scheduler_cfg = self.hparams.scheduler
+        if not scheduler_cfg or scheduler_cfg.get("_target_") is None:
+            return optimizer
+        scheduler = instantiate(scheduler_cfg, "scheduler")(optimizer)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.monitor, "interval": "epoch"}}

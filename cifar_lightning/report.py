@@ -1,0 +1,232 @@
+"""Run artefacts from tensors and paths (never from a Trainer), so train and evaluate write the
+same files through the same code: metrics.json, predictions.csv, history.csv and PNG figures,
+plus the sweep summary (summary.csv / .md / .png) as a Hydra callback."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
+from torchmetrics.functional.classification import (  # noqa: E402
+    multiclass_accuracy, multiclass_auroc, multiclass_confusion_matrix, multiclass_f1_score,
+    multiclass_precision, multiclass_recall)
+
+
+# ---------------------------------------------------------------- files, written atomically
+def _atomic_write(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; artefacts are for people to open
+    os.replace(tmp, path)
+
+
+def write_json(path, obj) -> None:
+    _atomic_write(path, (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode())
+
+
+def write_csv(path, rows: list[dict], columns: list[str]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    _atomic_write(path, buf.getvalue().encode())
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def save_figure(fig, path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    _atomic_write(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------- test metrics (torchmetrics)
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict:
+    """Accuracy, macro/weighted P/R/F1, one-vs-rest AUROC, confusion matrix and per-class figures."""
+    n = len(class_names)
+    probs = logits.float().softmax(-1)
+    kw = dict(num_classes=n)
+    per = {k: fn(probs, labels, average="none", **kw) for k, fn in
+           (("precision", multiclass_precision), ("recall", multiclass_recall), ("f1", multiclass_f1_score))}
+    auroc = multiclass_auroc(probs, labels, average="none", **kw)
+    support = torch.bincount(labels, minlength=n)
+    out = {
+        "test_accuracy": multiclass_accuracy(probs, labels, average="micro", **kw).item(),  # Keras's accuracy
+        "test_loss": F.cross_entropy(logits.float(), labels).item(),
+        "precision_macro": multiclass_precision(probs, labels, average="macro", **kw).item(),
+        "recall_macro": multiclass_recall(probs, labels, average="macro", **kw).item(),
+        "f1_macro": multiclass_f1_score(probs, labels, average="macro", **kw).item(),
+        "precision_weighted": multiclass_precision(probs, labels, average="weighted", **kw).item(),
+        "recall_weighted": multiclass_recall(probs, labels, average="weighted", **kw).item(),
+        "f1_weighted": multiclass_f1_score(probs, labels, average="weighted", **kw).item(),
+        "auroc_macro": multiclass_auroc(probs, labels, average="macro", **kw).item(),
+        "per_class": {c: {"precision": per["precision"][i].item(), "recall": per["recall"][i].item(),
+                          "f1": per["f1"][i].item(), "auroc": auroc[i].item(), "support": int(support[i])}
+                      for i, c in enumerate(class_names)},
+        "confusion_matrix": multiclass_confusion_matrix(probs, labels, **kw).tolist(),
+    }
+    return out
+
+
+def write_predictions(path, paths: list[str], labels: torch.Tensor, logits: torch.Tensor,
+                      class_names: list[str]) -> None:
+    probs = logits.float().softmax(-1)
+    pred = probs.argmax(-1)
+    rows = [{"path": p, "label": int(y), "prediction": int(k), **{c: f"{v:.6f}" for c, v in zip(class_names, pr)}}
+            for p, y, k, pr in zip(paths, labels.tolist(), pred.tolist(), probs.tolist())]
+    write_csv(path, rows, ["path", "label", "prediction", *class_names])
+
+
+# ---------------------------------------------------------------- figures
+def plot_confusion(logits, labels, class_names):
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    m = MulticlassConfusionMatrix(len(class_names))
+    m.update(logits.float().softmax(-1), labels)
+    fig, ax = plt.subplots(figsize=(9, 8))
+    m.plot(ax=ax, labels=[_short(c) for c in class_names])
+    ax.set_title("Confusion matrix (rows: true class, columns: predicted)")
+    return fig
+
+
+def plot_roc(logits, labels, class_names):
+    from torchmetrics.classification import MulticlassROC
+
+    m = MulticlassROC(len(class_names))
+    m.update(logits.float().softmax(-1), labels)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    m.plot(score=True, ax=ax, labels=[_short(c) for c in class_names])  # legend: class and its AUC
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="chance")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("One-vs-rest ROC curves")
+    return fig
+
+
+def plot_history(rows: list[dict], reference: list[dict] | None = None, reference_name: str = "notebook"):
+    """Accuracy and loss per epoch, train against validation; LR drops and the best epoch marked."""
+    f = lambda r, k: float(r[k]) if r.get(k) not in (None, "") else math.nan  # noqa: E731
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, what in zip(axes, ("acc", "loss")):
+        ax.plot(epochs, [f(r, f"train_{what}") for r in rows], "o-", ms=3, label=f"train {what}")
+        ax.plot(epochs, [f(r, f"val_{what}") for r in rows], "o-", ms=3, label=f"val {what}")
+        if reference:
+            ep = [int(r["epoch"]) for r in reference]
+            ax.plot(ep, [f(r, f"train_{what}") for r in reference], "--", c="C0", alpha=.5, label=f"{reference_name} train")
+            ax.plot(ep, [f(r, f"val_{what}") for r in reference], "--", c="C1", alpha=.5, label=f"{reference_name} val")
+        lrs = [f(r, "lr") for r in rows]
+        for i in range(1, len(rows)):
+            if lrs[i] < lrs[i - 1]:
+                ax.axvline(epochs[i - 1] + 0.5, c="grey", ls=":", lw=1)
+        best = best_epoch(rows)
+        if best:
+            ax.axvline(best, c="green", ls="--", lw=1, label=f"best epoch {best}")
+        ax.set_xlabel("epoch"), ax.set_ylabel(what), ax.grid(alpha=.3)
+        ax.set_title(f"{'Accuracy' if what == 'acc' else 'Loss'} (dotted: learning-rate cut)")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def best_epoch(rows: list[dict]) -> int | None:
+    """First epoch with the lowest finite val_loss (Keras counts only strict improvements)."""
+    best, best_loss = None, math.inf
+    for r in rows:
+        v = float(r["val_loss"]) if r.get("val_loss") not in (None, "") else math.nan
+        if math.isfinite(v) and v < best_loss:
+            best, best_loss = int(r["epoch"]), v
+    return best
+
+
+def _short(name: str) -> str:
+    return name.split("_", 1)[1] if name[:3].isdigit() and "_" in name else name
+
+
+def write_evaluation(run_dir: Path, logits, labels, paths, class_names, extra: dict | None = None,
+                     tb_writer=None) -> dict:
+    """metrics.json, predictions.csv, confusion_matrix.png and roc_curves.png into run_dir."""
+    metrics = {**(extra or {}), **classification_metrics(logits, labels, class_names)}
+    write_json(run_dir / "metrics.json", metrics)
+    write_predictions(run_dir / "predictions.csv", paths, labels, logits, class_names)
+    for name, fig in (("confusion_matrix", plot_confusion(logits, labels, class_names)),
+                      ("roc_curves", plot_roc(logits, labels, class_names))):
+        if tb_writer is not None:
+            tb_writer.add_figure(f"test/{name}", fig, close=False)
+        save_figure(fig, run_dir / f"{name}.png")
+    return metrics
+
+
+# ---------------------------------------------------------------- sweep summary
+SUMMARY_COLUMNS = ["job", "overrides", "status", "error", "best_epoch", "best_val_loss", "test_accuracy",
+                   "f1_macro", "auroc_macro", "epochs_run", "wall_seconds"]
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after each multirun job, rewrite summary.csv/.md/.png in the sweep directory.
+    Updated per job (not at multirun end), so the summary exists even when a job fails."""
+
+    def __init__(self):
+        self._start: dict[str, float] = {}
+
+    def on_job_start(self, config, **kwargs):
+        self._start[config.hydra.runtime.output_dir] = time.perf_counter()
+
+    def on_job_end(self, config, job_return, **kwargs):
+        from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
+
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        run_dir = Path(config.hydra.runtime.output_dir)
+        row = {"job": run_dir.name, "overrides": " ".join(config.hydra.overrides.task),
+               "wall_seconds": round(time.perf_counter() - self._start.pop(str(run_dir), time.perf_counter()), 1)}
+        if job_return.status == JobStatus.COMPLETED:
+            row["status"] = "completed"
+        else:
+            err = job_return._return_value
+            row["status"], row["error"] = "failed", " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        if (run_dir / "metrics.json").exists():
+            m = json.loads((run_dir / "metrics.json").read_text())
+            row.update({k: m.get(k) for k in SUMMARY_COLUMNS if k in m})
+        write_json(run_dir / "summary_row.json", row)
+        write_summary(Path(config.hydra.sweep.dir))
+
+
+def write_summary(sweep_dir: Path) -> list[dict]:
+    rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary_row.json"))]
+    rows.sort(key=lambda r: (r.get("best_val_loss") is None, r.get("best_val_loss") or 0.0))
+    write_csv(sweep_dir / "summary.csv", rows, SUMMARY_COLUMNS)
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    md = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    md += ["| " + " | ".join(fmt(r.get(c)).replace("|", "\\|") for c in SUMMARY_COLUMNS) + " |" for r in rows]
+    _atomic_write(sweep_dir / "summary.md", ("\n".join(md) + "\n").encode())
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        hist = sweep_dir / r["job"] / "history.csv"
+        if hist.exists():
+            h = read_csv(hist)
+            ax.plot([int(x["epoch"]) for x in h], [float(x["val_acc"]) for x in h], "o-", ms=3,
+                    label=f"{r['job']}: {r['overrides'] or '(defaults)'}")
+    ax.set_xlabel("epoch"), ax.set_ylabel("val acc"), ax.grid(alpha=.3), ax.set_title("Validation accuracy per job")
+    if ax.lines:
+        ax.legend(fontsize=8)
+    save_figure(fig, sweep_dir / "summary.png")
+    return rows

@@ -1,0 +1,132 @@
+"""Train Model S as the notebook did, then test the best weights.
+
+    python -m cifar_lightning.train                                   # the notebook's recipe
+    python -m cifar_lightning.train data.source=../shared/data/cifar10-jpeg.tar.gz   # offline
+    python -m cifar_lightning.train -m optim=rmsprop,adam             # a sweep; see summary.md
+    python -m cifar_lightning.train fidelity=torch                    # PyTorch's defaults instead of Keras's
+    python -m cifar_lightning.train resume=last                       # continue the newest run
+
+Everything lands in the run directory (outputs/<date>/<time>/): .hydra/, checkpoints/,
+TensorBoard events, history.csv, metrics.json, predictions.csv and the PNG figures."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_lightning.callbacks import History
+from cifar_lightning.config import check_targets, instantiate
+from cifar_lightning.data.datamodule import CifarDataModule
+from cifar_lightning.data.folder import find_classes
+from cifar_lightning.errors import UserError, cli
+from cifar_lightning.model.module import Classifier
+from cifar_lightning.model.net import count_params, summary
+from cifar_lightning.report import best_epoch, plot_history, save_figure, write_evaluation, write_json
+
+
+def build_datamodule(cfg: DictConfig) -> CifarDataModule:
+    d = cfg.data
+    return CifarDataModule(root=d.root, source=str(d.source), train_dirs=list(d.train_dirs), val_dir=d.val_dir,
+                           test_dir=d.test_dir, batch_size=d.batch_size, image_size=d.image_size, cache=d.cache,
+                           num_workers=d.num_workers, skip_bad_files=d.skip_bad_files,
+                           batching=cfg.fidelity.batching, resize=cfg.fidelity.resize, seed=cfg.seed)
+
+
+def resolve_resume(resume: str | None) -> str | None:
+    """"last" -> the newest outputs/**/checkpoints/last.ckpt under the launch directory."""
+    if not resume:
+        return None
+    if resume == "last":
+        found = sorted(Path("outputs").glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UserError("resume=last: no outputs/**/checkpoints/last.ckpt under the current directory")
+        return str(found[-1])
+    if not Path(resume).is_file():
+        raise UserError(f"resume={resume}: no such checkpoint file")
+    return resume
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit, test the best checkpoint, write the artefacts; return metrics.json's content."""
+    check_targets(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it, as TF used; no-op on CPU
+
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    class_names = find_classes(Path(cfg.data.root) / cfg.data.train_dirs[0])
+    container = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731 - plain, weights_only-safe
+    model_cfg = container(cfg.model)
+    if model_cfg["num_classes"] != len(class_names):  # the data decides how many outputs
+        print(f"model.num_classes={model_cfg['num_classes']} -> {len(class_names)}, the class folders in {cfg.data.root}")
+        model_cfg["num_classes"] = len(class_names)
+    model = Classifier(model=model_cfg, optim=container(cfg.optim), scheduler=container(cfg.scheduler),
+                       class_names=class_names, monitor=cfg.monitor, image_size=cfg.data.image_size)
+    trainable, stats = count_params(model.net)
+    print(summary(model.net))
+
+    history = History(run_dir / "history.csv")
+    callbacks = [instantiate(c, f"callbacks.{k}") for k, c in cfg.callbacks.items() if c is not None] + [history]
+    logger = instantiate(cfg.logger, "logger") if cfg.logger.get("_target_") else False
+    trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger)
+
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_resume(cfg.resume), weights_only=True)
+    train_seconds = time.perf_counter() - t0
+    if trainer.interrupted:
+        raise UserError(f"training interrupted; resume with resume={run_dir / 'checkpoints' / 'last.ckpt'}")
+
+    rows = history.rows
+    best = best_epoch(rows)
+    if best is None:
+        raise UserError("no epoch had a finite val/loss (diverged? try a lower optim.lr)")
+    best_row = next(r for r in rows if r["epoch"] == best)
+    metrics = {"trainable_params": trainable, "non_trainable_params": stats, "best_epoch": best,
+               "best_val_loss": best_row["val_loss"], "best_val_acc": best_row["val_acc"],
+               "epochs_run": len(rows), "train_seconds": round(train_seconds, 2)}
+    save_figure(plot_history(rows), run_dir / "training_curves.png")
+
+    if cfg.test:
+        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        print(f"Restoring best weights from the end of epoch {best}: {ckpt}")
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True, verbose=False)
+        logits, labels = (torch.cat(t) for t in zip(*model.test_outputs))
+        tb = logger.experiment if logger else None
+        metrics = write_evaluation(run_dir, logits, labels, datamodule.paths[cfg.data.test_dir], class_names,
+                                   extra=metrics, tb_writer=tb)
+        print(f"test accuracy {metrics['test_accuracy']:.4f}  macro F1 {metrics['f1_macro']:.4f}  "
+              f"AUROC {metrics['auroc_macro']:.4f}")
+    else:
+        write_json(run_dir / "metrics.json", metrics)
+    if logger:
+        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        logger.log_hyperparams(_flatten(container(cfg)), {f"hparams/{k}": v for k, v in flat.items()})
+    print(f"artefacts in {run_dir}")
+    return metrics
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}/"))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def _main(cfg: DictConfig) -> float:
+    return train(cfg)["best_val_loss"]  # the monitored value, for sweepers
+
+
+if __name__ == "__main__":
+    cli(_main)
