@@ -6,6 +6,7 @@ and exits non-zero. `HYDRA_FULL_ERROR=1` shows the full traceback instead.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Callable
@@ -30,6 +31,8 @@ def one_line(exc: BaseException) -> str:
 def cli(hydra_main: Callable[[], object]) -> None:
     """Run a @hydra.main function; print user errors as one `error:` line and exit 2."""
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    # Hydra also logs "Error executing job with overrides: [...]" before re-raising; we say it once.
+    logging.getLogger("hydra.core.utils").addFilter(lambda r: not r.getMessage().startswith("Error executing job"))
     # Make Hydra re-raise instead of printing its own multi-line report, so we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:

@@ -1,0 +1,75 @@
+"""Evaluate any checkpoint on any image folder whose classes match the checkpoint's by name.
+
+    python -m cifar_lightning.evaluate ckpt_path=outputs/DATE/TIME/checkpoints/best.ckpt eval_dir=data/cifar10/test
+
+Writes metrics.json, predictions.csv, confusion_matrix.png and roc_curves.png to its own run
+directory (outputs/evaluate/<date>/<time>/)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from cifar_lightning.data.folder import KerasImageFolder
+from cifar_lightning.errors import UserError, cli
+from cifar_lightning.model.checkpoint import load_net
+from cifar_lightning.report import write_evaluation
+
+
+def _strip_index(name: str) -> str:
+    return re.sub(r"^\d{3}_", "", name)
+
+
+def match_classes(folder: list[str], ckpt: list[str]) -> tuple[list[int], str]:
+    """Index in the checkpoint's classes of each folder class, and the rule that matched."""
+    if folder == ckpt:
+        return list(range(len(ckpt))), "names equal"
+    stripped = [_strip_index(c) for c in ckpt]
+    if sorted(_strip_index(c) for c in folder) == sorted(stripped):
+        return [stripped.index(_strip_index(c)) for c in folder], "names equal after removing the NNN_ index"
+    a, b = {_strip_index(c) for c in folder}, set(stripped)
+    raise UserError(f"eval_dir classes differ from the checkpoint's: only in eval_dir {sorted(a - b)}, "
+                    f"only in checkpoint {sorted(b - a)}")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def predict_logits(net, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    net = net.to(device)
+    return torch.cat([net(images[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    net, class_names, hp = load_net(cfg.ckpt_path)
+    size = int(hp.get("image_size", 32))
+    folder = KerasImageFolder(cfg.eval_dir, size, cfg.fidelity.resize)
+    index, rule = match_classes(folder.classes, class_names)
+    print(f"classes matched: {rule}")
+    images = torch.stack([folder.loader(p) for p, _ in tqdm(folder.samples, desc="decoding", unit="img")])
+    labels = torch.tensor([index[t] for t in folder.targets])
+    logits = predict_logits(net, images, cfg.batch_size, pick_device(cfg.device))
+    run_dir = Path(cfg.run_dir)
+    metrics = write_evaluation(run_dir, logits, labels, [p for p, _ in folder.samples], class_names,
+                               extra={"ckpt_path": str(cfg.ckpt_path), "eval_dir": str(cfg.eval_dir)})
+    print(f"accuracy {metrics['test_accuracy']:.4f}  macro F1 {metrics['f1_macro']:.4f}  "
+          f"AUROC {metrics['auroc_macro']:.4f}  on {len(labels)} images; artefacts in {run_dir}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def _main(cfg: DictConfig) -> float:
+    return evaluate(cfg)["test_accuracy"]
+
+
+if __name__ == "__main__":
+    cli(_main)

@@ -1,0 +1,46 @@
+"""Load a checkpoint for evaluate/predict as data: weights_only=True, and the network rebuilt from
+the project's own Model code with plain numbers read from it. No `_target_` in it is followed."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from cifar_lightning.errors import UserError
+from cifar_lightning.model.net import ModelS, build_net
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ckpt_path={path}: no such file")
+    try:
+        # Never retried with weights_only=False: a checkpoint that needs it could run code.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"{path}: refused: it holds objects other than plain data "
+                        f"({' '.join(str(exc).split()[:12])}...)") from exc
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable checkpoint ({' '.join(str(exc).split())[:200]})") from exc
+
+
+def load_net(path: str | Path) -> tuple[ModelS, list[str], dict]:
+    """(network in eval mode, class names, hyperparameters) from a cifar_lightning checkpoint."""
+    ckpt = load_checkpoint(path)
+    try:
+        hp = ckpt["hyper_parameters"]
+        class_names = [str(c) for c in hp["class_names"]]
+        model_cfg = {k: hp["model"][k] for k in ("name", "widths", "hidden", "dropout", "num_classes",
+                                                 "init", "bn_momentum", "bn_eps")}
+        model_cfg["init"] = "torch"  # weights come from the checkpoint; skip the init work
+        net = build_net(model_cfg, int(hp.get("image_size", 32)))
+        prefix = "net."
+        state = {k[len(prefix):].replace("_orig_mod.", ""): v for k, v in ckpt["state_dict"].items()
+                 if k.startswith(prefix)}
+        net.load_state_dict(state)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{path}: not a cifar_lightning checkpoint ({type(exc).__name__}: {exc})") from exc
+    return net.eval(), class_names, hp

@@ -1,0 +1,123 @@
+"""The command lines, end to end, on tiny data made in tmp_path."""
+import csv
+import json
+import pickle
+
+import pytest
+import torch
+
+from cifar_lightning.model.checkpoint import load_net
+from cifar_lightning.errors import UserError
+from tests.conftest import CLASSES, make_layout, run_cli, write_images
+
+PNG = b"\x89PNG\r\n\x1a\n"
+QUICK = ["trainer=cpu", "callbacks.progress_bar.refresh_rate=0"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_layout, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "r"
+    res = run_cli("cifar_lightning.train", "model=s", "optim=rmsprop", f"data.root={tiny_layout}",
+                  "trainer.max_epochs=2", f"hydra.run.dir={run}", *QUICK, cwd=run.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run, res
+
+
+def test_train_writes_every_artefact(trained):
+    run, res = trained
+    for name in [".hydra/config.yaml", "checkpoints/best.ckpt", "checkpoints/last.ckpt", "history.csv",
+                 "metrics.json", "predictions.csv", "training_curves.png", "confusion_matrix.png", "roc_curves.png"]:
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    m = json.loads((run / "metrics.json").read_text())
+    assert (m["trainable_params"], m["non_trainable_params"], m["epochs_run"]) == (815018, 896, 2)
+    for key in ["test_accuracy", "test_loss", "best_epoch", "train_seconds", "precision_macro", "recall_macro",
+                "f1_macro", "precision_weighted", "recall_weighted", "f1_weighted", "auroc_macro"]:
+        assert isinstance(m[key], (int, float)), key
+    assert set(m["per_class"]) == set(CLASSES) and m["per_class"][CLASSES[0]]["support"] == 3
+    with open(run / "history.csv") as f:
+        hist = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in hist] == [1, 2]
+    assert set(hist[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"}
+    with open(run / "predictions.csv") as f:
+        preds = list(csv.DictReader(f))
+    assert len(preds) == 30 and abs(sum(float(preds[0][c]) for c in CLASSES) - 1) < 1e-4
+    assert all((run / p).read_bytes()[:8] == PNG for p in ["training_curves.png", "confusion_matrix.png", "roc_curves.png"])
+    assert "Trainable params: 815,018" in res.stdout and "Restoring best weights" in res.stdout
+    ckpt = torch.load(run / "checkpoints/best.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["class_names"] == CLASSES
+
+
+def test_multirun_writes_one_directory_per_job_and_a_summary(tiny_layout, tmp_path):
+    res = run_cli("cifar_lightning.train", "-m", "optim=rmsprop,adam", f"data.root={tiny_layout}",
+                  "trainer.max_epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", *QUICK, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    for job in ("0", "1"):
+        assert (sweep / job / "metrics.json").is_file()
+    summary = (sweep / "summary.md").read_text()
+    assert "optim=rmsprop" in summary and "optim=adam" in summary and summary.count("completed") == 2
+    assert (sweep / "summary.png").read_bytes()[:8] == PNG
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r["best_val_loss"]) for r in rows]
+    assert losses == sorted(losses)
+
+
+def test_bad_override_is_one_error_line(tmp_path):
+    res = run_cli("cifar_lightning.train", "optim=nope", cwd=tmp_path)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith("error: ") and "optim/nope" in res.stderr
+
+
+def test_evaluate_another_folder_matches_classes_by_name(trained, tmp_path):
+    run, _ = trained
+    eval_dir = tmp_path / "plain_names"
+    for c, name in enumerate(CLASSES):  # "airplane" against the checkpoint's "000_airplane"
+        write_images(eval_dir / name.split("_", 1)[1], 2, c, seed=5)
+    res = run_cli("cifar_lightning.evaluate", f"ckpt_path={run}/checkpoints/best.ckpt", f"eval_dir={eval_dir}",
+                  f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "names equal after removing the NNN_ index" in res.stdout
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["per_class"][CLASSES[3]]["support"] == 2 and 0 <= m["test_accuracy"] <= 1
+    assert (tmp_path / "eval" / "roc_curves.png").read_bytes()[:8] == PNG
+
+
+def test_evaluate_mismatched_classes_lists_the_difference(trained, tmp_path):
+    run, _ = trained
+    bad = make_layout(tmp_path / "bad", classes=CLASSES[:9] + ["009_tractor"], splits={"x": 1}) / "x"
+    res = run_cli("cifar_lightning.evaluate", f"ckpt_path={run}/checkpoints/best.ckpt", f"eval_dir={bad}",
+                  f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "only in eval_dir ['tractor'], only in checkpoint ['truck']" in res.stderr
+
+
+def test_predict_skips_unreadable_files(trained, tmp_path):
+    run, _ = trained
+    pics = tmp_path / "pics"
+    write_images(pics, 3, 2, size=50, ext=".jpg")
+    (pics / "broken.png").write_text("not an image")
+    res = run_cli("cifar_lightning.predict", f"ckpt_path={run}/checkpoints/best.ckpt", f"inputs={pics}",
+                  f"hydra.run.dir={tmp_path / 'pred'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "skipped" in res.stdout and "broken.png" in res.stdout
+    with open(tmp_path / "pred" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and rows[0]["prediction"] in CLASSES and float(rows[0]["p1"]) >= float(rows[0]["p2"])
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("open(__import__('os').environ['PWNED_MARKER'], 'w').write('ran')",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PWNED_MARKER", str(marker))
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCode()}, evil)
+    with pytest.raises(UserError, match=r"evil.ckpt: refused"):
+        load_net(evil)
+    assert not marker.exists()

@@ -1,0 +1,52 @@
+"""Every option of every config group composes and instantiates; the defaults are the notebook's."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cifar_lightning.config import CONF_DIR, check_targets, instantiate
+from cifar_lightning.errors import UserError
+from tests.conftest import cfg_for
+
+GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF_DIR.iterdir() if g.is_dir()}
+OPTIONS = [(g, o) for g, opts in sorted(GROUPS.items()) for o in opts]
+
+
+def test_defaults_are_the_notebook_recipe(tmp_path):
+    cfg = cfg_for(tmp_path, tmp_path)
+    assert cfg.model.name == "s" and cfg.data.batch_size == 64 and cfg.trainer.max_epochs == 30
+    assert cfg.optim._target_.endswith("RMSprop") and cfg.optim.lr == 1e-3
+    assert (cfg.optim.rho, cfg.optim.eps, cfg.optim.eps_inside_root) == (0.9, 1e-7, True)
+    assert (cfg.scheduler.factor, cfg.scheduler.patience, cfg.scheduler.min_delta) == (0.1, 3, 1e-4)
+    assert cfg.callbacks.early_stopping.patience == 6 and cfg.monitor == "val/loss"
+    for key in ("checkpoint", "early_stopping"):
+        assert cfg.callbacks[key].monitor == cfg.monitor
+    assert cfg.data.train_dirs == ["train_1", "train_2", "train_3", "train_4"]
+    assert cfg.trainer.precision == "32-true" and cfg.fidelity.batching == "per_directory"
+
+
+@pytest.mark.parametrize("group,option", OPTIONS)
+def test_every_option_composes_and_instantiates(group, option, tmp_path):
+    if group == "experiment":
+        cfg = cfg_for(tmp_path, tmp_path, f"+experiment={option}")
+    else:
+        cfg = cfg_for(tmp_path, tmp_path, f"{group}={option}")
+    OmegaConf.resolve(cfg)
+    check_targets(cfg)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    opt = instantiate(cfg.optim, "optim")(params=params)
+    assert isinstance(opt, torch.optim.Optimizer)
+    if cfg.scheduler._target_:
+        instantiate(cfg.scheduler, "scheduler")(opt)
+    for key, cb in cfg.callbacks.items():
+        assert instantiate(cb, f"callbacks.{key}") is not None
+    if cfg.logger._target_:
+        assert instantiate(cfg.logger, "logger") is not None
+    trainer_cfg = OmegaConf.merge(cfg.trainer, {"accelerator": "cpu"})
+    trainer = instantiate(trainer_cfg, "trainer", logger=False, enable_checkpointing=False)
+    assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+def test_foreign_target_is_refused_not_run(tmp_path):
+    cfg = cfg_for(tmp_path, tmp_path, "optim._target_=os.system")
+    with pytest.raises(UserError, match=r"optim._target_=os.system is not an allowed target"):
+        check_targets(cfg)

@@ -1,0 +1,152 @@
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifar_lightning.data.cache import load_split
+from cifar_lightning.data.datamodule import CifarDataModule
+from cifar_lightning.data.folder import KerasImageFolder, decode
+from cifar_lightning.data.sampler import DirectoryBatchSampler
+from cifar_lightning.errors import UserError
+from tests.conftest import CLASSES, make_layout, write_images
+
+
+def test_per_directory_batching_gives_628_steps():
+    s = DirectoryBatchSampler([10_000] * 4, 64, "per_directory", seed=1)
+    batches = s.batches()
+    assert len(batches) == len(s) == 628
+    assert sorted(i for b in batches for i in b) == list(range(40_000))
+    assert all(len({i // 10_000 for i in b}) == 1 for b in batches)  # no batch mixes directories
+    assert sorted(len(b) for b in batches)[:4] == [16, 16, 16, 16]  # each directory's last batch kept
+    assert len(DirectoryBatchSampler([10_000] * 4, 64, "random").batches()) == 625
+
+
+def test_batches_are_seeded_and_reshuffled_each_epoch():
+    a, b = DirectoryBatchSampler([100, 50], 8, seed=3), DirectoryBatchSampler([100, 50], 8, seed=3)
+    assert a.batches() == b.batches()
+    a.set_epoch(1)
+    assert a.batches() != b.batches()
+    assert DirectoryBatchSampler([100, 50], 8, seed=4).batches() != b.batches()
+
+
+def test_ranks_split_batches_evenly():
+    full = DirectoryBatchSampler([100, 50], 8, seed=0).batches()
+    parts = [DirectoryBatchSampler([100, 50], 8, seed=0, rank=r, world_size=2).batches() for r in (0, 1)]
+    assert len(parts[0]) == len(parts[1])
+    assert {tuple(b) for p in parts for b in p} == {tuple(b) for b in full}
+
+
+def _datamodule(root, **kw):
+    dm = CifarDataModule(str(root), source="unused", **kw)
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def test_cached_and_per_file_paths_give_identical_batches(tiny_layout):
+    cached, per_file = _datamodule(tiny_layout, batch_size=4, cache=True), _datamodule(tiny_layout, batch_size=4, cache=False)
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        a, b = list(getattr(cached, loader)()), list(getattr(per_file, loader)())
+        assert len(a) == len(b) > 0
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert xa.dtype == xb.dtype == torch.uint8
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert cached.classes == CLASSES
+
+
+def test_changed_folder_invalidates_cache(tmp_path):
+    root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"valid": 3})
+    ds = KerasImageFolder(root / "valid")
+    images, _, _ = load_split(ds, 32, "tf_bilinear")
+    t0 = time.perf_counter()
+    again, _, _ = load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")
+    assert torch.equal(images, again) and time.perf_counter() - t0 < 1.0
+    target = root / "valid" / CLASSES[0] / "0000.png"
+    Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(target)
+    os.utime(target, ns=(1, 1))  # a changed mtime alone must rebuild too
+    changed, _, _ = load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")
+    assert not torch.equal(images, changed) and int(changed[0].float().mean()) == 7
+    assert len(list(root.glob(".cache-valid-*.pt"))) == 1  # the stale cache file is removed
+
+
+def test_class_mismatch_between_splits_names_classes_and_splits(tmp_path):
+    root = make_layout(tmp_path / "d", classes=CLASSES[:3], splits={"train_1": 1, "valid": 1, "test": 1})
+    write_images(root / "train_1" / "099_extra", 1, 0)
+    dm = CifarDataModule(str(root), train_dirs=["train_1"])
+    with pytest.raises(UserError, match=r"\['099_extra'\] only in train_1"):
+        dm.setup()
+
+
+def test_hidden_folders_and_stray_files_are_ignored(tmp_path):
+    root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"valid": 2})
+    write_images(root / "valid" / ".ipynb_checkpoints", 1, 0)
+    (root / "valid" / ".DS_Store").write_bytes(b"\0\0")
+    (root / "valid" / CLASSES[0] / ".DS_Store").write_bytes(b"\0\0")
+    (root / "valid" / CLASSES[0] / "notes.txt").write_text("hi")
+    ds = KerasImageFolder(root / "valid")
+    assert ds.classes == CLASSES[:2] and len(ds) == 4
+
+
+def test_empty_class_folder_and_no_class_folders_are_errors(tmp_path):
+    (tmp_path / "split" / "000_airplane").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"000_airplane: class folder has no images"):
+        KerasImageFolder(tmp_path / "split")
+    (tmp_path / "none").mkdir()
+    with pytest.raises(UserError, match=r"none: no class folders"):
+        KerasImageFolder(tmp_path / "none")
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "RGB"])
+def test_any_mode_and_size_decodes_to_rgb_32(mode, tmp_path):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).convert(mode if mode != "I;16" else "L")
+    if mode == "I;16":
+        img = Image.fromarray((np.asarray(img).astype(np.uint16) * 257))  # 16-bit grey, full range
+    ext = ".jpg" if mode == "CMYK" else ".png"
+    img.save(tmp_path / f"x{ext}")
+    x = decode(tmp_path / f"x{ext}")
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+    if mode == "I;16":  # scaled to 8 bits, not saturated at 255
+        assert x.float().mean() < 200 and x.max() > 100
+
+
+def test_resize_is_bilinear_without_antialiasing(tmp_path):
+    a = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(a).save(tmp_path / "big.png")
+    ref = torch.nn.functional.interpolate(torch.from_numpy(a).permute(2, 0, 1)[None].float(), size=(32, 32),
+                                          mode="bilinear", align_corners=False, antialias=False)[0]
+    assert torch.equal(decode(tmp_path / "big.png"), ref.round().clamp(0, 255).to(torch.uint8))
+    assert not torch.equal(decode(tmp_path / "big.png", resize="pil_bilinear"), decode(tmp_path / "big.png"))
+
+
+def test_truncated_and_fake_images_are_errors_naming_the_file(tmp_path):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "ok.jpg", quality=95)
+    data = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.jpg").write_text("this is not a jpeg")
+    for name in ("cut.jpg", "text.jpg"):
+        with pytest.raises(UserError, match=rf"{name}: not a readable image"):
+            decode(tmp_path / name)
+
+
+def test_decompression_bomb_is_refused_quickly(tmp_path):
+    Image.new("1", (20_000, 20_000)).save(tmp_path / "bomb.png")  # small file, 400 megapixel canvas
+    assert (tmp_path / "bomb.png").stat().st_size < 200_000
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=r"bomb.png: .*(decompression bomb|exceeds limit)"):
+        decode(tmp_path / "bomb.png")
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_bad_file_found_at_setup_or_skipped(tmp_path):
+    root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"train_1": 2, "valid": 2, "test": 2})
+    (root / "valid" / CLASSES[1] / "zz_bad.png").write_text("junk")
+    for cache in (True, False):
+        with pytest.raises(UserError, match=r"zz_bad.png: not a readable image"):
+            _datamodule(root, train_dirs=["train_1"], cache=cache)
+        with pytest.warns(UserWarning, match=r"skipped 1 unreadable image.*zz_bad.png"):
+            dm = _datamodule(root, train_dirs=["train_1"], cache=cache, skip_bad_files=True)
+        assert len(dm.paths["valid"]) == 4 and not any("zz_bad" in p for p in dm.paths["valid"])

@@ -1,0 +1,40 @@
+"""Replay the notebook's val_loss log through the configured plateau schedule and early stopping."""
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+
+from cifar_lightning.config import instantiate
+from tests.conftest import cfg_for
+
+NOTEBOOK_VAL_LOSS = [1.3683, 1.2969, 1.0690, 1.6596, 0.8689, 1.0259, 0.9757, 0.8880, 0.6032, 0.6111,
+                     0.6275, 0.6083, 0.5949, 0.5965, 0.5969, 0.5996, 0.5983, 0.5988, 0.5999]
+
+
+def replay(cfg):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    sched = instantiate(cfg.scheduler, "scheduler")(opt)
+    es_cfg = {k: v for k, v in cfg.callbacks.early_stopping.items() if k != "_target_"}
+    stop = EarlyStopping(**es_cfg)
+    cuts, lrs, stopped_after = [], [], None
+    for epoch, loss in enumerate(NOTEBOOK_VAL_LOSS, start=1):
+        before = opt.param_groups[0]["lr"]
+        sched.step(loss)
+        if opt.param_groups[0]["lr"] < before:
+            cuts.append(epoch)
+            lrs.append(opt.param_groups[0]["lr"])
+        should_stop, _ = stop._evaluate_stopping_criteria(torch.tensor(loss))
+        if should_stop and stopped_after is None:
+            stopped_after = epoch
+    return cuts, lrs, stopped_after
+
+
+def test_keras_counting_reproduces_the_notebook(tmp_path):
+    cuts, lrs, stopped_after = replay(cfg_for(tmp_path, tmp_path))
+    assert cuts == [8, 12, 16, 19]
+    assert [round(lr, 12) for lr in lrs] == [1e-4, 1e-5, 1e-6, 1e-7]
+    assert stopped_after == 19
+    assert min(range(19), key=lambda i: NOTEBOOK_VAL_LOSS[i]) + 1 == 13  # best epoch
+
+
+def test_torch_counting_differs(tmp_path):
+    cuts, _, _ = replay(cfg_for(tmp_path, tmp_path, "fidelity=torch"))
+    assert cuts != [8, 12, 16, 19]
