@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from cifar_lightning.report import write_csv
 
@@ -34,12 +35,18 @@ class History(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         m = trainer.callback_metrics
+        if "train/loss" in m and not torch.isfinite(m["train/loss"]):
+            print(f"\nTraining diverged: train/loss is {float(m['train/loss'])} in epoch {trainer.current_epoch + 1}; "
+                  "stopping (try a lower optim.lr). Non-finite epochs are never the best checkpoint.")
+            trainer.should_stop = True
+        if "val/loss" not in m or any(r["epoch"] == trainer.current_epoch + 1 for r in self.rows):
+            return  # a resumed run replays the end of its last epoch: the row is already there
         get = lambda k: float(m[k]) if k in m else math.nan  # noqa: E731
         row = {"epoch": trainer.current_epoch + 1, "train_loss": get("train/loss"), "train_acc": get("train/acc"),
                "val_loss": get("val/loss"), "val_acc": get("val/acc"), "lr": self._lr,
                "epoch_seconds": round(time.perf_counter() - self._t0, 3)}
+        self.rows.append(row)  # every rank keeps the rows (they agree: metrics are synced)
         if trainer.is_global_zero:
-            self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
             write_csv(self.path, self.rows, HISTORY_COLUMNS)
 
     def on_train_end(self, trainer, pl_module):
@@ -50,3 +57,33 @@ class History(L.Callback):
 
     def load_state_dict(self, state):
         self.rows = list(state.get("rows", []))
+
+
+class RandomState(L.Callback):
+    """Puts torch's global RNG (dropout masks) into every checkpoint and restores it on resume, so
+    a resumed run draws the same masks as an uninterrupted one. Lightning does not save it."""
+
+    def state_dict(self):
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state):
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class InterruptCheckpoint(L.Callback):
+    """Saves the state at the moment of Ctrl-C, SIGTERM or a crash, for inspection. Resume from
+    last.ckpt (the end of the last whole epoch) to continue exactly. Unlike Lightning's
+    OnExceptionCheckpoint it does not make fit() resume from it implicitly."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_exception(self, trainer, pl_module, exception):
+        trainer.save_checkpoint(self.path)
+        print(f"\n{type(exception).__name__}: state saved to {self.path}; "
+              f"continue with resume={self.path.parent / 'last.ckpt'}")

@@ -37,6 +37,14 @@ def cli(hydra_main: Callable[[], object]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra_main()
+    except SystemExit as exc:
+        # Lightning turns SIGTERM into SIGTERMException, a SystemExit whose code is None (= status 0).
+        # Ctrl-C and SIGTERM end the whole process, sweeps included, after OnExceptionCheckpoint
+        # saved checkpoints/interrupted.ckpt; the exit status says it did not finish.
+        if type(exc).__name__ == "SIGTERMException":
+            print("error: stopped by SIGTERM; continue with resume=PATH/checkpoints/last.ckpt", file=sys.stderr)
+            sys.exit(143)
+        raise
     except Exception as exc:  # noqa: BLE001 - we decide below what is the user's to fix
         cause = exc
         while not _is_user_facing(cause) and cause.__cause__ is not None:

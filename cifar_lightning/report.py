@@ -100,7 +100,7 @@ def write_predictions(path, paths: list[str], labels: torch.Tensor, logits: torc
 def plot_confusion(logits, labels, class_names):
     from torchmetrics.classification import MulticlassConfusionMatrix
 
-    m = MulticlassConfusionMatrix(len(class_names))
+    m = MulticlassConfusionMatrix(len(class_names), sync_on_compute=False)  # data is already gathered
     m.update(logits.float().softmax(-1), labels)
     fig, ax = plt.subplots(figsize=(9, 8))
     m.plot(ax=ax, labels=[_short(c) for c in class_names])
@@ -111,7 +111,7 @@ def plot_confusion(logits, labels, class_names):
 def plot_roc(logits, labels, class_names):
     from torchmetrics.classification import MulticlassROC
 
-    m = MulticlassROC(len(class_names))
+    m = MulticlassROC(len(class_names), sync_on_compute=False)
     m.update(logits.float().softmax(-1), labels)
     fig, ax = plt.subplots(figsize=(8, 7))
     m.plot(score=True, ax=ax, labels=[_short(c) for c in class_names])  # legend: class and its AUC

@@ -19,11 +19,12 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_lightning.callbacks import History
+from cifar_lightning.callbacks import History, RandomState
 from cifar_lightning.config import check_targets, instantiate
 from cifar_lightning.data.datamodule import CifarDataModule
 from cifar_lightning.data.folder import find_classes
 from cifar_lightning.errors import UserError, cli
+from cifar_lightning.model.checkpoint import load_checkpoint
 from cifar_lightning.model.module import Classifier
 from cifar_lightning.model.net import count_params, summary
 from cifar_lightning.report import best_epoch, plot_history, save_figure, write_evaluation, write_json
@@ -45,15 +46,21 @@ def resolve_resume(resume: str | None) -> str | None:
         found = sorted(Path("outputs").glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
             raise UserError("resume=last: no outputs/**/checkpoints/last.ckpt under the current directory")
-        return str(found[-1])
+        resume = str(found[-1])
+        print(f"resuming from {resume}")
     if not Path(resume).is_file():
         raise UserError(f"resume={resume}: no such checkpoint file")
+    load_checkpoint(resume)  # refuses, as one error line, a file that weights_only=True can't load
     return resume
 
 
 def train(cfg: DictConfig) -> dict:
     """Fit, test the best checkpoint, write the artefacts; return metrics.json's content."""
     check_targets(cfg)
+    resume = resolve_resume(cfg.resume)
+    if resume:  # continue in the interrupted run's directory, where its best checkpoint and history are
+        cfg.run_dir = str(Path(resume).resolve().parent.parent)
+        print(f"continuing the run in {cfg.run_dir}")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -73,31 +80,37 @@ def train(cfg: DictConfig) -> dict:
     print(summary(model.net))
 
     history = History(run_dir / "history.csv")
-    callbacks = [instantiate(c, f"callbacks.{k}") for k, c in cfg.callbacks.items() if c is not None] + [history]
     logger = instantiate(cfg.logger, "logger") if cfg.logger.get("_target_") else False
+    callbacks = [instantiate(c, f"callbacks.{k}") for k, c in cfg.callbacks.items()
+                 if c is not None and (logger or k != "lr_monitor")] + [history, RandomState()]
     trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger)
 
     t0 = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_resume(cfg.resume), weights_only=True)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     train_seconds = time.perf_counter() - t0
     if trainer.interrupted:
         raise UserError(f"training interrupted; resume with resume={run_dir / 'checkpoints' / 'last.ckpt'}")
 
     rows = history.rows
     best = best_epoch(rows)
-    if best is None:
-        raise UserError("no epoch had a finite val/loss (diverged? try a lower optim.lr)")
+    if best is None:  # Lightning keeps a non-finite first epoch as best.ckpt (score inf): drop it
+        Path(trainer.checkpoint_callback.best_model_path or run_dir / "none").unlink(missing_ok=True)
+        raise UserError(f"training diverged: no epoch had a finite val/loss, no best checkpoint kept "
+                        f"(try a lower optim.lr than {cfg.optim.lr})")
     best_row = next(r for r in rows if r["epoch"] == best)
     metrics = {"trainable_params": trainable, "non_trainable_params": stats, "best_epoch": best,
                "best_val_loss": best_row["val_loss"], "best_val_acc": best_row["val_acc"],
                "epochs_run": len(rows), "train_seconds": round(train_seconds, 2)}
-    save_figure(plot_history(rows), run_dir / "training_curves.png")
+    if trainer.is_global_zero:
+        save_figure(plot_history(rows), run_dir / "training_curves.png")
 
     if cfg.test:
         ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         print(f"Restoring best weights from the end of epoch {best}: {ckpt}")
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True, verbose=False)
-        logits, labels = (torch.cat(t) for t in zip(*model.test_outputs))
+        logits, labels = gather_test_outputs(model.test_outputs, trainer.world_size)
+        if not trainer.is_global_zero:
+            return metrics
         tb = logger.experiment if logger else None
         metrics = write_evaluation(run_dir, logits, labels, datamodule.paths[cfg.data.test_dir], class_names,
                                    extra=metrics, tb_writer=tb)
@@ -110,6 +123,17 @@ def train(cfg: DictConfig) -> dict:
         logger.log_hyperparams(_flatten(container(cfg)), {f"hparams/{k}": v for k, v in flat.items()})
     print(f"artefacts in {run_dir}")
     return metrics
+
+
+def gather_test_outputs(outputs: list, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of the whole test split in file order. Under DDP each rank holds a chunk of
+    every batch (DirectoryBatchSampler), so batches are re-interleaved rank by rank."""
+    if world_size > 1:
+        everyone = [None] * world_size
+        torch.distributed.all_gather_object(everyone, outputs)
+        outputs = [out for per_batch in zip(*everyone) for out in per_batch]
+    logits, labels = zip(*outputs)
+    return torch.cat(logits), torch.cat(labels)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

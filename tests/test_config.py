@@ -41,7 +41,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         assert instantiate(cb, f"callbacks.{key}") is not None
     if cfg.logger._target_:
         assert instantiate(cfg.logger, "logger") is not None
-    trainer_cfg = OmegaConf.merge(cfg.trainer, {"accelerator": "cpu"})
+    trainer_cfg = OmegaConf.merge(cfg.trainer, {"accelerator": "cpu", "devices": 1})  # CI has no GPU
     trainer = instantiate(trainer_cfg, "trainer", logger=False, enable_checkpointing=False)
     assert trainer.max_epochs == cfg.trainer.max_epochs
 

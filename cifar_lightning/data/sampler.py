@@ -11,8 +11,10 @@ class DirectoryBatchSampler(Sampler[list[int]]):
     4 directories of 10,000 at batch 64 give 4 x 157 = 628 steps. mode="random" is one permutation
     of everything (625 steps); mode="sequential" keeps file order (validation, test).
 
-    Each epoch reshuffles from (seed, epoch). With world_size > 1 each rank takes every
-    world_size-th batch; the list is padded by repeating batches so every rank steps equally."""
+    Each epoch reshuffles from (seed, epoch). With world_size > 1 (DDP) every batch is split into
+    world_size contiguous chunks and each rank takes its own: data.batch_size stays the global
+    batch, every rank takes the same number of steps, and each image is seen once per epoch.
+    DDP averages the ranks' gradients, which equals the single-process step when chunks are equal."""
 
     def __init__(self, sizes: list[int], batch_size: int, mode: str = "per_directory", seed: int = 0,
                  rank: int = 0, world_size: int = 1):
@@ -41,9 +43,12 @@ class DirectoryBatchSampler(Sampler[list[int]]):
         if self.mode != "sequential":
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         if self.world_size > 1:
-            batches += batches[: (-len(batches)) % self.world_size]
-            batches = batches[self.rank::self.world_size]
+            batches = [self._chunk(b) for b in batches]
         return batches
+
+    def _chunk(self, batch: list[int]) -> list[int]:
+        n, w, r = len(batch), self.world_size, self.rank
+        return batch[r * n // w:(r + 1) * n // w] or batch[-1:]  # a batch smaller than world_size repeats an image
 
     def __iter__(self):
         yield from self.batches()
@@ -53,4 +58,4 @@ class DirectoryBatchSampler(Sampler[list[int]]):
             n = -(-sum(self.sizes) // self.batch_size)
         else:
             n = sum(-(-s // self.batch_size) for s in self.sizes)
-        return -(-n // self.world_size)
+        return n

@@ -6,9 +6,11 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_lightning.config import instantiate
+from cifar_lightning.errors import UserError
 from cifar_lightning.model.net import build_net
 
 
@@ -42,7 +44,9 @@ class Classifier(L.LightningModule):
         acc.update(logits, y)
         # Epoch means accumulate on the device (no per-step .item() sync); weighted by batch size,
         # so the epoch loss is the per-image mean, as Keras reports it.
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=y.numel(), prog_bar=stage == "val")
+        # sync_dist: under DDP the epoch value is the mean over all ranks' images (a no-op on one device).
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=y.numel(), prog_bar=stage == "val",
+                 sync_dist=True)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val")
         return loss, logits
 
@@ -54,16 +58,38 @@ class Classifier(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         _, logits = self._step(batch, "test")
-        self.test_outputs.append((logits.float().softmax(-1).cpu(), batch[1].cpu()))
+        self.test_outputs.append((logits.float().cpu(), batch[1].cpu()))
 
     def on_test_epoch_start(self):
         self.test_outputs = []
 
+    def on_validation_epoch_end(self):
+        # Step the plateau schedule here, not where Lightning would (after the epoch-end hooks, when
+        # last.ckpt is already written): then every checkpoint holds the post-step schedule, and a
+        # resumed run cuts the learning rate on the same epochs as an uninterrupted one.
+        if self.trainer.sanity_checking:
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, ReduceLROnPlateau):
+                config.scheduler.step(self.trainer.callback_metrics[config.monitor])
+
+    def lr_scheduler_step(self, scheduler, metric):
+        if not isinstance(scheduler, ReduceLROnPlateau):  # plateau: stepped in on_validation_epoch_end
+            scheduler.step()
+
     def configure_optimizers(self):
-        optimizer = instantiate(self.hparams.optim, "optim")(params=self.parameters())
+        optimizer = _complete(instantiate(self.hparams.optim, "optim"), "optim", params=self.parameters())
         scheduler_cfg = self.hparams.scheduler
         if not scheduler_cfg or scheduler_cfg.get("_target_") is None:
             return optimizer
-        scheduler = instantiate(scheduler_cfg, "scheduler")(optimizer)
+        scheduler = _complete(instantiate(scheduler_cfg, "scheduler"), "scheduler", optimizer)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.monitor, "interval": "epoch"}}
+
+
+def _complete(partial, key: str, *args, **kwargs):
+    """Call a `_partial_` config; a bad value (lr=-1, say) is the user's error, named by its key."""
+    try:
+        return partial(*args, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{key}: {exc}") from exc

@@ -1,0 +1,457 @@
+"""Time one training epoch + validation three ways, on the same machine, data, network and optimizer.
+
+    python -m cifar_lightning.bench                                   # a, b, c; full epochs on data/cifar10
+    python -m cifar_lightning.bench pipelines=[a,c] max_steps=50      # quick: 50 training steps per timed epoch
+    python -m cifar_lightning.bench data.root=/tmp/real/cifar10 pipelines=[a] batch_sizes=[64,256] fractions=[]
+    python -m cifar_lightning.bench trainer=gpu                       # (c) at 32-true and bf16-mixed side by side
+
+  a  plain PyTorch loop over the cached uint8 tensor (in GPU memory when there is a GPU): the limit
+  b  a straightforward Lightning pipeline: ImageFolder + ToTensor + DataLoader(shuffle, workers)
+  c  cifar_lightning's own: Classifier + CifarDataModule + Trainer, at each of `precision`
+Every pipeline starts from the same seed and is warmed up for `warmup_steps` (untimed). images/s is
+training images / (train epoch + validation) seconds. Also timed: the cache (build and load), and
+(a) against batch size and train-set fraction. data.root must hold the layout (or data.source
+builds it, as in train). Prints tables; writes everything to outputs/bench/<date>/<time>/bench.json."""
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import math
+import os
+import platform
+import resource
+import shutil
+import tempfile
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import ConcatDataset, DataLoader
+from torchvision import datasets, transforms
+
+from cifar_lightning.config import check_targets, instantiate
+from cifar_lightning.data.cache import load_split
+from cifar_lightning.data.folder import KerasImageFolder
+from cifar_lightning.data.sampler import DirectoryBatchSampler
+from cifar_lightning.errors import UserError, cli
+from cifar_lightning.model.module import Classifier
+from cifar_lightning.model.net import build_net
+from cifar_lightning.report import write_json
+from cifar_lightning.train import build_datamodule
+
+
+def _proc_status_MiB(key: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak since the last reset) from /proc/self/status; Linux only."""
+    try:
+        line = next(s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith(key + ":"))
+        return int(line.split()[1]) / 1024  # kB
+    except (OSError, StopIteration):
+        return float("nan")
+
+
+RSS_AFTER_IMPORTS_MiB = _proc_status_MiB("VmRSS")  # the baseline that memory growth is measured from
+# Importing torch already runs a child process; its peak is the floor of children_ru_maxrss_MiB.
+CHILDREN_AFTER_IMPORTS_MiB = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- clocks and memory
+def clock(device: torch.device) -> float:
+    """perf_counter once the GPU has finished its queued kernels (they run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def reset_peaks() -> None:
+    """Make the next memory() report this stage's peaks. Writing 5 to clear_refs resets the kernel's
+    peak RSS (VmHWM and ru_maxrss); where that is not allowed, peaks are since the process started."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def memory() -> dict:
+    m = {"peak_rss_MiB": _proc_status_MiB("VmHWM"), "rss_end_MiB": _proc_status_MiB("VmRSS"),
+         "ru_maxrss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+         # DataLoader workers (b) are child processes: the largest one that has exited, never reset
+         "children_ru_maxrss_MiB": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    m["peak_growth_MiB"] = m["peak_rss_MiB"] - RSS_AFTER_IMPORTS_MiB
+    if torch.cuda.is_available():
+        m["gpu_peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+    return {k: round(v, 1) for k, v in m.items()}
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- shared pieces
+def caps(n_train: int, n_val: int, max_steps: int | None) -> tuple[int, int]:
+    """(train steps, val steps) of a timed epoch. With max_steps, validation is cut in the same
+    proportion, so train:val time stays as in a full epoch and the full epoch can be extrapolated."""
+    if not max_steps or max_steps >= n_train:
+        return n_train, n_val
+    return max_steps, max(1, math.ceil(n_val * max_steps / n_train))
+
+
+def result(images: int, steps: int, full_steps: int, val_steps: int, train_s: float, val_s: float, val_acc) -> dict:
+    epoch_s = train_s + val_s
+    return {"images": images, "train_steps": steps, "full_train_steps": full_steps, "val_steps": val_steps,
+            "train_s": round(train_s, 4), "val_s": round(val_s, 4), "epoch_s": round(epoch_s, 4),
+            "images_per_s": round(images / epoch_s, 1), "full_epoch_s_est": round(epoch_s * full_steps / steps, 2),
+            "val_acc": None if val_acc is None else round(float(val_acc), 4)}
+
+
+def model_dict(cfg: DictConfig, num_classes: int) -> dict:
+    m = OmegaConf.to_container(cfg.model, resolve=True)
+    m["num_classes"] = num_classes  # the data decides, as in train
+    return m
+
+
+def make_net(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
+    L.seed_everything(cfg.seed, verbose=False)  # the same initial weights in every pipeline
+    net = build_net(model_dict(cfg, num_classes), cfg.data.image_size)
+    return torch.compile(net) if cfg.model.compile else net  # as the Classifier does
+
+
+# ---------------------------------------------------------------- (a) plain loop
+def plain_epoch(cfg: DictConfig, data: dict, device: torch.device, batch_size: int, fraction: float = 1.0) -> dict:
+    """One epoch of the same net, optimizer and batch order as (c) over uint8 tensors already on
+    `device`: no DataLoader, no Lightning, no metrics objects. The reference limit."""
+    x, y, sizes, vx, vy = data["x"], data["y"], data["sizes"], data["vx"], data["vy"]
+    if fraction < 1:  # the first `fraction` of each train dir, so per-directory batching still applies
+        starts = [0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]]
+        sizes = [max(1, int(n * fraction)) for n in sizes]
+        keep = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, sizes)]).to(device)
+        x, y = x[keep], y[keep]
+    # Index tensors are made before the clock starts: (c) pays for them per step, but that is the
+    # data path's cost, which is what the limit leaves out.
+    batches = [torch.tensor(b, device=device)
+               for b in DirectoryBatchSampler(sizes, batch_size, cfg.fidelity.batching, cfg.seed).batches()]
+    n_train, n_val = caps(len(batches), math.ceil(len(vy) / batch_size), cfg.max_steps)
+    net = make_net(cfg, data["num_classes"]).to(device)
+    opt = instantiate(cfg.optim, "optim")(params=net.parameters())
+    channels_last = bool(cfg.model.channels_last)
+
+    def fmt(xb):
+        return xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
+
+    def train(idx_list):
+        net.train()
+        for idx in idx_list:
+            loss = F.cross_entropy(net(fmt(x[idx])), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    @torch.no_grad()
+    def validate(steps):
+        net.eval()
+        end = min(steps * batch_size, len(vy))
+        correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no per-step sync
+        for i in range(0, end, batch_size):
+            correct += (net(fmt(vx[i:i + batch_size])).argmax(1) == vy[i:i + batch_size]).sum()
+        return correct.item() / end
+
+    w = cfg.warmup_steps
+    if w:  # allocator, thread pools, cuDNN algorithm choice: not part of an epoch
+        train(batches[:w])
+        validate(w)
+    t0 = clock(device)
+    train(batches[:n_train])
+    t1 = clock(device)
+    acc = validate(n_val)
+    t2 = clock(device)
+    images = sum(len(b) for b in batches[:n_train])
+    return result(images, n_train, len(batches), n_val, t1 - t0, t2 - t1, acc)
+
+
+# ---------------------------------------------------------------- (b) and (c): Lightning
+class EpochTimer(L.Callback):
+    """Train-epoch and validation wall time (validation runs inside the epoch, before
+    on_train_epoch_end), and the training images seen."""
+
+    def on_train_epoch_start(self, trainer, module):
+        self.images, self.t0 = 0, clock(module.device)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.images += len(batch[1])
+
+    def on_validation_epoch_start(self, trainer, module):
+        self.t1 = clock(module.device)
+
+    def on_train_epoch_end(self, trainer, module):
+        self.t2 = clock(module.device)
+
+
+def lightning_epoch(make_trainer, module: L.LightningModule, n_train: int, n_val: int, cfg: DictConfig,
+                    **fit_kwargs) -> dict:
+    """Warm up with a short fit, then time one epoch with a fresh Trainer on the same module."""
+    if cfg.warmup_steps:
+        make_trainer(limit_train_batches=cfg.warmup_steps, limit_val_batches=cfg.warmup_steps).fit(module, **fit_kwargs)
+    steps, val_steps = caps(n_train, n_val, cfg.max_steps)
+    timer = EpochTimer()
+    trainer = make_trainer(callbacks=[timer], limit_train_batches=steps, limit_val_batches=val_steps)
+    trainer.fit(module, **fit_kwargs)
+    return result(timer.images, steps, n_train, val_steps, timer.t1 - timer.t0, timer.t2 - timer.t1,
+                  trainer.callback_metrics.get("val/acc"))
+
+
+class PlainModule(L.LightningModule):
+    """(b)'s minimal LightningModule around the same network: cross-entropy and the same optimizer."""
+
+    def __init__(self, net: torch.nn.Module, optimizer, channels_last: bool):
+        super().__init__()
+        self.net, self.optimizer, self.channels_last = net, optimizer, channels_last
+
+    def forward(self, x):
+        x = x * 255  # ToTensor scaled to 0..1; the net divides by 255 itself
+        return self.net(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", F.cross_entropy(logits, y))
+        self.log("val/acc", (logits.argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return self.optimizer(params=self.parameters())
+
+
+def pipeline_b(cfg: DictConfig, device: torch.device, num_classes: int) -> dict:
+    root, to_tensor = Path(cfg.data.root), transforms.ToTensor()
+    train = ConcatDataset([datasets.ImageFolder(root / d, transform=to_tensor) for d in cfg.data.train_dirs])
+    val = datasets.ImageFolder(root / cfg.data.val_dir, transform=to_tensor)
+    workers, bs = min(4, os.cpu_count() or 1), cfg.data.batch_size
+    train_dl = DataLoader(train, batch_size=bs, shuffle=True, num_workers=workers)
+    val_dl = DataLoader(val, batch_size=bs, num_workers=workers)
+    module = PlainModule(make_net(cfg, num_classes), instantiate(cfg.optim, "optim"), bool(cfg.model.channels_last))
+
+    def make_trainer(**kw):
+        return L.Trainer(accelerator=device.type, devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         default_root_dir=cfg.run_dir, **kw)
+
+    out = lightning_epoch(make_trainer, module, len(train_dl), len(val_dl), cfg,
+                          train_dataloaders=train_dl, val_dataloaders=val_dl)
+    return {**out, "num_workers": workers}
+
+
+def pipeline_c(cfg: DictConfig, datamodule, classes: list[str], sizes: list[int], n_val_images: int,
+               precision: str) -> dict:
+    container = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    L.seed_everything(cfg.seed, verbose=False)
+    model = Classifier(model=model_dict(cfg, len(classes)), optim=container(cfg.optim),
+                       scheduler=container(cfg.scheduler), class_names=classes, monitor=cfg.monitor,
+                       image_size=cfg.data.image_size)
+
+    def make_trainer(**kw):
+        return instantiate(cfg.trainer, "trainer", max_epochs=1, logger=False, enable_checkpointing=False,
+                           enable_progress_bar=False, precision=precision, **kw)
+
+    bs = cfg.data.batch_size
+    n_train = len(DirectoryBatchSampler(sizes, bs, cfg.fidelity.batching))
+    return lightning_epoch(make_trainer, model, n_train, math.ceil(n_val_images / bs), cfg, datamodule=datamodule)
+
+
+# ---------------------------------------------------------------- cache
+def time_cache(cfg: DictConfig) -> dict:
+    """Build, then load, the valid split's cache in a temporary copy of that split alone: the real
+    cache files are never touched, and one split is quick to decode."""
+    src = Path(cfg.data.root) / cfg.data.val_dir
+    with tempfile.TemporaryDirectory(prefix="cifar-bench-") as tmp:
+        split = Path(tmp) / src.name
+        shutil.copytree(src, split)
+        folder = KerasImageFolder(split, cfg.data.image_size, cfg.fidelity.resize, cfg.data.skip_bad_files)
+        args = (folder, cfg.data.image_size, cfg.fidelity.resize)
+        t0 = time.perf_counter()
+        images = load_split(*args)[0]  # no cache file yet: decode every image, save
+        t1 = time.perf_counter()
+        load_split(*args)  # the file now exists: fingerprint + torch.load
+        t2 = time.perf_counter()
+    return {"split": src.name, "images": len(images), "build_s": round(t1 - t0, 3), "load_s": round(t2 - t1, 4),
+            "build_images_per_s": round(len(images) / (t1 - t0), 1)}
+
+
+# ---------------------------------------------------------------- report
+def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """cols: (header, key, format spec); a missing value prints as '-'."""
+    cells = [[h for h, _, _ in cols]] + [[("-" if r.get(k) is None else format(r[k], f)) for _, k, f in cols]
+                                         for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in cells)
+
+
+EPOCH_COLS = [("images/s", "images_per_s", ",.0f"), ("epoch s", "epoch_s", ".2f"), ("train s", "train_s", ".2f"),
+              ("val s", "val_s", ".2f"), ("steps", "steps", ""), ("full epoch s (est.)", "full_epoch_s_est", ".1f"),
+              ("val acc", "val_acc", ".3f")]
+
+
+def with_steps(r: dict) -> dict:
+    return {**r, "steps": f"{r['train_steps']}/{r['full_train_steps']}"}
+
+
+def machine(device: torch.device) -> dict:
+    try:
+        cpu = next(s.split(":", 1)[1].strip() for s in Path("/proc/cpuinfo").read_text().splitlines()
+                   if s.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    return {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+            "python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {cpu}",
+            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.version.cuda if device.type == "cuda" else None}
+
+
+# ---------------------------------------------------------------- main
+def bench(cfg: DictConfig) -> dict:
+    check_targets(cfg)
+    unknown = set(cfg.pipelines) - {"a", "b", "c"}
+    if unknown:
+        raise UserError(f"pipelines: {sorted(unknown)} unknown (choose from a, b, c)")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_float32_matmul_precision("high")  # as train: TF32 where the GPU has it
+    if cfg.threads:  # on a busy machine fewer threads than cores avoids OpenMP spin-waiting on taken cores
+        torch.set_num_threads(cfg.threads)
+    # Lightning's per-Trainer banners and the "few workers"/"logging interval" hints would bury the tables.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+    use_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    device = torch.device("cuda" if use_gpu else "cpu")
+    bs = cfg.data.batch_size
+    out = {"machine": machine(device), "overrides": list(HydraConfig.get().overrides.task),
+           "settings": {"pipelines": list(cfg.pipelines), "batch_size": bs, "max_steps": cfg.max_steps,
+                        "warmup_steps": cfg.warmup_steps, "data_root": str(cfg.data.root),
+                        "batching": cfg.fidelity.batching, "device": str(device)},
+           "rss_after_imports_MiB": round(RSS_AFTER_IMPORTS_MiB, 1),
+           "children_ru_maxrss_after_imports_MiB": round(CHILDREN_AFTER_IMPORTS_MiB, 1), "notes": []}
+    print(f"device {out['machine']['device']}  |  {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads  |  "
+          f"batch {bs}  |  max_steps {cfg.max_steps}  |  warm-up {cfg.warmup_steps} steps")
+
+    # The cache, timed on a copy of one split; then the real datamodule, set up as train does.
+    reset_peaks()
+    dm = build_datamodule(cfg)
+    dm.prepare_data()  # builds data.root from data.source if it lacks the layout (untimed)
+    out["cache"] = time_cache(cfg)
+    cached = copy.deepcopy(cfg)
+    cached.data.cache = True  # (a) needs the tensors even when (c) runs the per-file path
+    base = build_datamodule(cached)
+    had_cache = all(any(Path(cfg.data.root).glob(f".cache-{s}-*.pt")) for s in base.split_names)
+    t0 = time.perf_counter()
+    base.setup("fit")
+    out["cache"].update(setup_s=round(time.perf_counter() - t0, 3), setup_had_cache=had_cache)
+    out["cache"]["memory"] = memory()
+    train_ds, val_ds = base.train_dataloader(), base.val_dataloader()
+    classes, sizes = base.classes, train_ds.batch_sampler.sizes
+    n_val_images = len(val_ds.dataset)
+    c = out["cache"]
+    print(f"cache: build {c['split']} ({c['images']:,} images) {c['build_s']:.2f} s = {c['build_images_per_s']:,.0f} "
+          f"images/s; load {c['load_s']:.3f} s; datamodule setup, {len(base.split_names)} splits "
+          f"{'from cache' if had_cache else 'building caches'}: {c['setup_s']:.2f} s")
+
+    rows = []
+    if "a" in cfg.pipelines:
+        reset_peaks()
+        data = {"x": train_ds.dataset.images.to(device), "y": train_ds.dataset.labels.to(device), "sizes": sizes,
+                "vx": val_ds.dataset.images.to(device), "vy": val_ds.dataset.labels.to(device),
+                "num_classes": len(classes)}
+        a = plain_epoch(cfg, data, device, bs)
+        rows.append({"pipeline": "a", "name": "a  plain loop, uint8 tensor", "precision": "32-true", **a,
+                     "memory": memory()})
+        # How the limit scales; the main run stands in for (batch_size, 1.0).
+        out["scaling_batch_size"] = [{"batch_size": b, **(a if b == bs else plain_epoch(cfg, data, device, b))}
+                                     for b in cfg.batch_sizes]
+        out["scaling_fraction"] = [{"fraction": f, **(a if f == 1 else plain_epoch(cfg, data, device, bs, f))}
+                                   for f in cfg.fractions]
+        del data
+    del train_ds, val_ds, base
+    free(device)
+
+    if "b" in cfg.pipelines:
+        reset_peaks()
+        b = pipeline_b(cfg, device, len(classes))
+        rows.append({"pipeline": "b", "name": "b  Lightning + ImageFolder + ToTensor", "precision": "32-true", **b,
+                     "memory": memory()})
+        free(device)
+
+    if "c" in cfg.pipelines:
+        for p in cfg.precision:
+            if "16" in str(p) and device.type != "cuda":
+                out["notes"].append(f"(c) at precision {p} skipped: needs CUDA, this run is on CPU")
+                continue
+            reset_peaks()
+            r = pipeline_c(cfg, dm, classes, sizes, n_val_images, str(p))  # one datamodule: its cache loads once
+            rows.append({"pipeline": "c", "name": f"c  cifar_lightning, {p}", "precision": str(p), **r,
+                         "memory": memory()})
+            free(device)
+
+    # Ratios: throughput of (c) at the first precision over (a) and (b); a bf16 row over fp32 (c).
+    ips = {(r["pipeline"], r["precision"]): r["images_per_s"] for r in rows}
+    c32 = next((r for r in rows if r["pipeline"] == "c"), None)
+    ratios = {}
+    if c32 and ("a", "32-true") in ips:
+        ratios["c/a"] = round(c32["images_per_s"] / ips["a", "32-true"], 3)
+    if c32 and ("b", "32-true") in ips:
+        ratios["c/b"] = round(c32["images_per_s"] / ips["b", "32-true"], 3)
+    for r in rows:
+        if r["pipeline"] == "c" and r is not c32:
+            ratios[f"c[{r['precision']}]/c[{c32['precision']}]"] = round(r["images_per_s"] / c32["images_per_s"], 3)
+    base_ips = ips.get(("a", "32-true"))
+    out.update(pipelines=rows, ratios=ratios)
+
+    print(f"\n== one epoch = train + validation, batch {bs}" + (f", capped at {cfg.max_steps} steps" if cfg.max_steps
+                                                                  else "") + " ==")
+    shown = [{**with_steps(r), "vs_a": base_ips and r["images_per_s"] / base_ips,
+              "peak_rss": r["memory"]["peak_rss_MiB"], "gpu_peak": r["memory"].get("gpu_peak_MiB")} for r in rows]
+    cols = [("pipeline", "name", "")] + EPOCH_COLS + [("x a", "vs_a", ".2f"), ("peak RSS MiB", "peak_rss", ",.0f")]
+    if device.type == "cuda":
+        cols.append(("GPU peak MiB", "gpu_peak", ",.0f"))
+    print(table(shown, cols))
+    print("  ".join(f"{k} = {v:.2f}" for k, v in ratios.items()) or "(no ratios: run a and c, or b and c)")
+    for note in out["notes"]:
+        print(note)
+    if out.get("scaling_batch_size"):
+        print("\n== plain loop (a) vs batch size ==")
+        print(table([with_steps(r) for r in out["scaling_batch_size"]], [("batch", "batch_size", "")] + EPOCH_COLS))
+    if out.get("scaling_fraction"):
+        print(f"\n== plain loop (a) vs train-set fraction, batch {bs} ==")
+        print(table([with_steps(r) for r in out["scaling_fraction"]],
+                    [("fraction", "fraction", ".2f"), ("images", "images", ",")] + EPOCH_COLS))
+    print(f"\nRSS after imports {RSS_AFTER_IMPORTS_MiB:,.0f} MiB; peak RSS per stage (MiB): "
+          + ", ".join([f"cache+setup {out['cache']['memory']['peak_rss_MiB']:,.0f}"]
+                      + [f"{r['pipeline']}[{r['precision']}] {r['memory']['peak_rss_MiB']:,.0f}" for r in rows]))
+    write_json(run_dir / "bench.json", out)
+    print(f"bench.json in {run_dir}")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def _main(cfg: DictConfig) -> None:
+    bench(cfg)
+
+
+if __name__ == "__main__":
+    cli(_main)

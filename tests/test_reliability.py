@@ -1,0 +1,138 @@
+"""Bad inputs, interruption and resume, hostile files, several processes."""
+import csv
+import json
+import multiprocessing as mp
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cifar_lightning.data.cache import load_split
+from cifar_lightning.data.folder import KerasImageFolder
+from cifar_lightning.errors import UserError
+from cifar_lightning.evaluate import evaluate
+from cifar_lightning.train import train
+from omegaconf import OmegaConf
+from tests.conftest import CLASSES, cfg_for, make_layout, run_cli
+from tests.test_cli import QUICK, _RunsCode
+
+FAST = ["logger=none", "callbacks.progress_bar.refresh_rate=0", "trainer=cpu"]
+
+
+def _history(run_dir):
+    with open(run_dir / "history.csv") as f:
+        return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in csv.DictReader(f)]
+
+
+def test_resume_parity(tiny_layout, tmp_path):
+    """Stopped after epoch 2 and resumed, a run ends exactly as an uninterrupted one: same history
+    (losses, accuracies, learning-rate cuts) and same test metrics. patience=1 makes the plateau
+    schedule cut after the interruption, so its restored state matters."""
+    common = ["seed=3", "trainer.deterministic=true", "scheduler.patience=1", *FAST]
+    whole = train(cfg_for(tmp_path / "whole", tiny_layout, "trainer.max_epochs=5", *common))
+    train(cfg_for(tmp_path / "parts", tiny_layout, "trainer.max_epochs=2", "test=false", *common))
+    resumed = train(cfg_for(tmp_path / "ignored", tiny_layout, "trainer.max_epochs=5", *common,
+                            f"resume={tmp_path / 'parts' / 'checkpoints' / 'last.ckpt'}"))
+    a, b = _history(tmp_path / "whole"), _history(tmp_path / "parts")
+    print("\nuninterrupted:", *a, "\nresumed after epoch 2:", *b, sep="\n")
+    assert len(a) == 5 and a == b
+    assert [r["lr"] for r in a] != [a[0]["lr"]] * 5  # a cut happened after the resume point
+    for key in ("test_accuracy", "test_loss", "f1_macro", "best_epoch"):
+        assert whole[key] == resumed[key], key
+
+
+def test_sigterm_leaves_loadable_checkpoints_and_exits_nonzero(tiny_layout, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cifar_lightning.train", f"data.root={tiny_layout}", "trainer.max_epochs=500",
+           f"hydra.run.dir={run}", *FAST]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "history.csv").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: stopped by SIGTERM")
+    for name in ("interrupted.ckpt", "last.ckpt"):
+        ckpt = torch.load(run / "checkpoints" / name, weights_only=True)
+        assert ckpt["state_dict"] and ckpt["optimizer_states"]
+
+
+def test_divergence_stops_with_a_clear_message(tiny_layout, tmp_path):
+    with pytest.raises(UserError, match=r"training diverged: no epoch had a finite val/loss"):
+        train(cfg_for(tmp_path, tiny_layout, "optim.lr=1e9", "trainer.max_epochs=3", *FAST))
+    assert not (tmp_path / "checkpoints" / "best.ckpt").exists()  # a NaN epoch is never the best
+
+
+def test_hostile_checkpoint_for_resume_is_refused(tiny_layout, tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PWNED_MARKER", str(marker))
+    torch.save({"state_dict": {}, "x": _RunsCode()}, tmp_path / "evil.ckpt")
+    with pytest.raises(UserError, match=r"evil.ckpt: refused"):
+        train(cfg_for(tmp_path / "run", tiny_layout, f"resume={tmp_path / 'evil.ckpt'}", *FAST))
+    assert not marker.exists()
+
+
+def test_multirun_with_a_failing_job_completes_the_others(tiny_layout, tmp_path):
+    res = run_cli("cifar_lightning.train", "-m", "optim.lr=1e-3,-1", f"data.root={tiny_layout}",
+                  "trainer.max_epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", *QUICK, cwd=tmp_path)
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1].startswith("error: optim:")
+    assert (tmp_path / "sweep" / "0" / "metrics.json").exists()
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "| completed |" in summary and "| failed |" in summary and "invalid RMSprop hyperparameters lr=-1" in summary
+
+
+def test_two_runs_started_together_get_two_directories(tiny_layout, tmp_path):
+    cmd = [sys.executable, "-m", "cifar_lightning.prepare", f"data.root={tiny_layout}"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert len(list((tmp_path / "outputs").glob("*/*"))) == 2
+
+
+def _cache(root):
+    images, labels, _ = load_split(KerasImageFolder(root), 32, "tf_bilinear")
+    return images.sum().item(), len(labels)
+
+
+def test_concurrent_caching_and_a_torn_cache_file(tmp_path):
+    root = make_layout(tmp_path / "d", classes=CLASSES[:3], splits={"valid": 20}) / "valid"
+    with mp.get_context("spawn").Pool(2) as pool:
+        a, b = pool.map(_cache, [root, root])
+    assert a == b and len(list(root.parent.glob(".cache-valid-*.pt"))) == 1
+    cache = next(root.parent.glob(".cache-valid-*.pt"))
+    cache.write_bytes(cache.read_bytes()[:1000])  # as if a writer had crashed mid-file
+    assert _cache(root) == a  # rebuilt, not trusted
+    assert not list(root.parent.glob("*.tmp"))
+
+
+def test_ddp_cpu_matches_one_process(tiny_layout, tmp_path):
+    """trainer=ddp_cpu: 2 gloo processes, each taking half of every batch. (1) Its test phase,
+    gathered from both ranks, equals evaluating its best checkpoint in one process (tolerance 1e-5).
+    (2) Its training matches a one-process run within 0.15 in test loss and 0.2 in accuracy on this
+    tiny data: CPU DDP can't sync BatchNorm (PyTorch's SyncBatchNorm is GPU-only), so each rank
+    normalises over its half-batch, and float sums run in another order."""
+    runs = {}
+    for trainer in ("cpu", "ddp_cpu"):
+        run = tmp_path / trainer
+        res = run_cli("cifar_lightning.train", f"trainer={trainer}", f"data.root={tiny_layout}", "trainer.max_epochs=3",
+                      "model.dropout=0", "logger=none", "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={run}",
+                      cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[trainer] = json.loads((run / "metrics.json").read_text())
+    cfg = OmegaConf.create({"ckpt_path": str(tmp_path / "ddp_cpu" / "checkpoints" / "best.ckpt"),
+                            "eval_dir": str(tiny_layout / "test"), "batch_size": 64, "device": "cpu",
+                            "run_dir": str(tmp_path / "eval"), "fidelity": {"resize": "tf_bilinear"}})
+    one_process = evaluate(cfg)
+    ddp, single = runs["ddp_cpu"], runs["cpu"]
+    print(f"\nDDP test loss {ddp['test_loss']:.5f} acc {ddp['test_accuracy']:.4f}; its checkpoint in one process "
+          f"{one_process['test_loss']:.5f} {one_process['test_accuracy']:.4f}; one-process training "
+          f"{single['test_loss']:.5f} {single['test_accuracy']:.4f}")
+    assert ddp["test_loss"] == pytest.approx(one_process["test_loss"], abs=1e-5)
+    assert ddp["test_accuracy"] == one_process["test_accuracy"]
+    assert ddp["per_class"][CLASSES[0]]["support"] == 3  # every test image once, none twice
+    assert abs(ddp["test_loss"] - single["test_loss"]) < 0.15
+    assert abs(ddp["test_accuracy"] - single["test_accuracy"]) <= 0.2
