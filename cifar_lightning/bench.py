@@ -330,6 +330,8 @@ def bench(cfg: DictConfig) -> dict:
     unknown = set(cfg.pipelines) - {"a", "b", "c"}
     if unknown:
         raise UserError(f"pipelines: {sorted(unknown)} unknown (choose from a, b, c)")
+    if any(not 0 < f <= 1 for f in cfg.fractions):
+        raise UserError(f"fractions={list(cfg.fractions)}: each must be in (0, 1]")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("high")  # as train: TF32 where the GPU has it
@@ -420,13 +422,15 @@ def bench(cfg: DictConfig) -> dict:
         if r["pipeline"] == "c" and r is not c32:
             ratios[f"c[{r['precision']}]/c[{c32['precision']}]"] = round(r["images_per_s"] / c32["images_per_s"], 3)
     base_ips = ips.get(("a", "32-true"))
-    out.update(pipelines=rows, ratios=ratios)
+    out.update(results=rows, ratios=ratios)
+    # The extrapolated full epoch is worth a column only when epochs were capped.
+    epoch_cols = EPOCH_COLS if cfg.max_steps else [c for c in EPOCH_COLS if c[1] != "full_epoch_s_est"]
 
     print(f"\n== one epoch = train + validation, batch {bs}" + (f", capped at {cfg.max_steps} steps" if cfg.max_steps
                                                                   else "") + " ==")
     shown = [{**with_steps(r), "vs_a": base_ips and r["images_per_s"] / base_ips,
               "peak_rss": r["memory"]["peak_rss_MiB"], "gpu_peak": r["memory"].get("gpu_peak_MiB")} for r in rows]
-    cols = [("pipeline", "name", "")] + EPOCH_COLS + [("x a", "vs_a", ".2f"), ("peak RSS MiB", "peak_rss", ",.0f")]
+    cols = [("pipeline", "name", "")] + epoch_cols + [("x a", "vs_a", ".2f"), ("peak RSS MiB", "peak_rss", ",.0f")]
     if device.type == "cuda":
         cols.append(("GPU peak MiB", "gpu_peak", ",.0f"))
     print(table(shown, cols))
@@ -435,11 +439,11 @@ def bench(cfg: DictConfig) -> dict:
         print(note)
     if out.get("scaling_batch_size"):
         print("\n== plain loop (a) vs batch size ==")
-        print(table([with_steps(r) for r in out["scaling_batch_size"]], [("batch", "batch_size", "")] + EPOCH_COLS))
+        print(table([with_steps(r) for r in out["scaling_batch_size"]], [("batch", "batch_size", "")] + epoch_cols))
     if out.get("scaling_fraction"):
         print(f"\n== plain loop (a) vs train-set fraction, batch {bs} ==")
         print(table([with_steps(r) for r in out["scaling_fraction"]],
-                    [("fraction", "fraction", ".2f"), ("images", "images", ",")] + EPOCH_COLS))
+                    [("fraction", "fraction", ".2f"), ("images", "images", ",")] + epoch_cols))
     print(f"\nRSS after imports {RSS_AFTER_IMPORTS_MiB:,.0f} MiB; peak RSS per stage (MiB): "
           + ", ".join([f"cache+setup {out['cache']['memory']['peak_rss_MiB']:,.0f}"]
                       + [f"{r['pipeline']}[{r['precision']}] {r['memory']['peak_rss_MiB']:,.0f}" for r in rows]))

@@ -49,6 +49,14 @@ def instantiate(cfg: Any, key: str, **kwargs: Any) -> Any:
         raise UserError(f"{key}: {exc}") from exc
 
 
+def complete(partial, key: str, *args: Any, **kwargs: Any) -> Any:
+    """Call a `_partial_` config; a bad value (lr=-1, say) is the user's error, named by its key."""
+    try:
+        return partial(*args, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{key}: {exc}") from exc
+
+
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
     """The config that `python -m cifar_lightning.train OVERRIDES` would run, for tests and notebooks."""
     from hydra import compose as hydra_compose

@@ -38,3 +38,27 @@ def test_torch_fidelity_gives_pytorch_defaults(tmp_path):
     assert (bn.momentum, bn.eps) == (0.1, 1e-5)
     conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
     assert torch.count_nonzero(conv.bias) > 0  # PyTorch's default init has non-zero biases
+
+
+def test_augment_flips_and_warps_on_the_batch():
+    from cifar_lightning.model.augment import Augment
+
+    torch.manual_seed(0)
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32) % 256
+    x = x.repeat(32, 1, 1, 1)
+    flipped = Augment(flip=True)(x)
+    is_flip = [torch.equal(f, o.flip(-1)) for f, o in zip(flipped, x)]
+    is_same = [torch.equal(f, o) for f, o in zip(flipped, x)]
+    assert all(a or b for a, b in zip(is_flip, is_same)) and 16 <= sum(is_flip) <= 48
+    warped = Augment(flip=False, rotation_deg=10, zoom=0.1, translate=0.1)(x)
+    assert warped.shape == x.shape and not torch.equal(warped, x)
+    assert warped.min() >= 0 and warped.max() <= 255  # reflection padding, bilinear: stays in range
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_experiments_train_one_epoch(experiment, tiny_layout, tmp_path):
+    from cifar_lightning.train import train
+
+    m = train(cfg_for(tmp_path, tiny_layout, f"experiment={experiment}", "trainer.max_epochs=1", "logger=none",
+                      "data.batch_size=4"))  # enough steps for one-cycle's warmup
+    assert m["trainable_params"] == 815_018 and m["epochs_run"] == 1 and 0 <= m["test_accuracy"] <= 1

@@ -2,7 +2,9 @@
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
-from cifar_lightning.config import instantiate
+from omegaconf import OmegaConf
+
+from cifar_lightning.model.schedule import build_scheduler
 from tests.conftest import cfg_for
 
 NOTEBOOK_VAL_LOSS = [1.3683, 1.2969, 1.0690, 1.6596, 0.8689, 1.0259, 0.9757, 0.8880, 0.6032, 0.6111,
@@ -11,7 +13,7 @@ NOTEBOOK_VAL_LOSS = [1.3683, 1.2969, 1.0690, 1.6596, 0.8689, 1.0259, 0.9757, 0.8
 
 def replay(cfg):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
-    sched = instantiate(cfg.scheduler, "scheduler")(opt)
+    sched, _ = build_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True), opt, None)
     es_cfg = {k: v for k, v in cfg.callbacks.early_stopping.items() if k != "_target_"}
     stop = EarlyStopping(**es_cfg)
     cuts, lrs, stopped_after = [], [], None

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
-from cifar_lightning.config import instantiate
-from cifar_lightning.errors import UserError
+from cifar_lightning.config import complete, instantiate
+from cifar_lightning.model.augment import Augment
 from cifar_lightning.model.net import build_net
+from cifar_lightning.model.schedule import build_scheduler
 
 
 class Classifier(L.LightningModule):
@@ -22,6 +23,9 @@ class Classifier(L.LightningModule):
         self.net = build_net(model, image_size)
         self.channels_last = bool(model.get("channels_last"))
         self.l2 = float(model.get("l2", 0.0))
+        self.label_smoothing = float(model.get("label_smoothing", 0.0))
+        self.tta_flip = bool(model.get("tta_flip", False))
+        self.augment = Augment(**model["augment"]) if model.get("augment") else None
         if model.get("compile"):
             self.net = torch.compile(self.net)
         n = len(class_names)
@@ -36,8 +40,13 @@ class Classifier(L.LightningModule):
 
     def _step(self, batch, stage: str):
         x, y = batch
+        if stage == "train" and self.augment is not None:
+            x = self.augment(x)
         logits = self(x)
-        loss = F.cross_entropy(logits, y)  # = Keras sparse CE on the softmax, computed from logits
+        if stage != "train" and self.tta_flip:  # test-time augmentation: average with the mirror image
+            logits = (logits.softmax(-1) + self(x.flip(-1)).softmax(-1)).div(2).log()
+        # = Keras sparse CE on the softmax, computed from logits
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         if stage == "train" and self.l2:  # Keras kernel_regularizer: part of the loss and of the reported loss
             loss = loss + self.l2 * sum(p.pow(2).sum() for p in self.net.parameters() if p.ndim > 1)
         acc = getattr(self, f"{stage}_acc")
@@ -78,18 +87,11 @@ class Classifier(L.LightningModule):
             scheduler.step()
 
     def configure_optimizers(self):
-        optimizer = _complete(instantiate(self.hparams.optim, "optim"), "optim", params=self.parameters())
+        optimizer = complete(instantiate(self.hparams.optim, "optim"), "optim", params=self.parameters())
         scheduler_cfg = self.hparams.scheduler
         if not scheduler_cfg or scheduler_cfg.get("_target_") is None:
             return optimizer
-        scheduler = _complete(instantiate(scheduler_cfg, "scheduler"), "scheduler", optimizer)
+        scheduler, interval = build_scheduler(scheduler_cfg, optimizer, lambda: self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.monitor, "interval": "epoch"}}
+                "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.monitor, "interval": interval}}
 
-
-def _complete(partial, key: str, *args, **kwargs):
-    """Call a `_partial_` config; a bad value (lr=-1, say) is the user's error, named by its key."""
-    try:
-        return partial(*args, **kwargs)
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"{key}: {exc}") from exc

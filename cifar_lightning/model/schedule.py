@@ -3,7 +3,18 @@ from __future__ import annotations
 
 import torch
 
+from cifar_lightning.config import complete, instantiate
 from cifar_lightning.errors import UserError
+
+
+def build_scheduler(cfg: dict, optimizer, total_steps) -> tuple[object, str]:
+    """(scheduler, Lightning interval) from a scheduler config. Two keys are ours, not the target's:
+    `interval` (epoch | step) and `needs_total_steps` (total_steps() is passed, for one-cycle)."""
+    cfg = dict(cfg)
+    interval = cfg.pop("interval", "epoch")
+    if cfg.pop("needs_total_steps", False):
+        cfg["total_steps"] = int(total_steps())
+    return complete(instantiate(cfg, "scheduler"), "scheduler", optimizer), interval
 
 
 def reduce_on_plateau(optimizer, mode: str = "min", factor: float = 0.1, patience: int = 3,
@@ -21,3 +32,11 @@ def reduce_on_plateau(optimizer, mode: str = "min", factor: float = 0.1, patienc
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode=mode, factor=factor, patience=torch_patience,
         threshold=min_delta, threshold_mode=threshold_mode, cooldown=0, min_lr=0.0)
+
+
+def one_cycle(optimizer, max_lr: float, total_steps: int, pct_start: float = 0.25,
+              div_factor: float = 25.0, final_div_factor: float = 1e4, cycle_momentum: bool = False):
+    """Warm up to max_lr for pct_start of the steps, then anneal (cosine); stepped every batch."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
+                                               pct_start=pct_start, div_factor=div_factor,
+                                               final_div_factor=final_div_factor, cycle_momentum=cycle_momentum)

@@ -1,0 +1,60 @@
+"""The metrics against a plain numpy computation, and the figures as real PNG files."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifar_lightning.report import classification_metrics, plot_confusion, plot_history, plot_roc, save_figure
+
+CLASSES = ["000_a", "001_b", "002_c"]
+
+
+def _numpy_metrics(probs, y, k):
+    pred = probs.argmax(1)
+    cm = np.array([[np.sum((y == t) & (pred == p)) for p in range(k)] for t in range(k)])
+    tp = np.diag(cm).astype(float)
+    precision, recall = tp / cm.sum(0), tp / cm.sum(1)
+    f1 = 2 * precision * recall / (precision + recall)
+    support = cm.sum(1)
+
+    def auc(scores, positive):  # probability that a positive outranks a negative (ties count 1/2)
+        pos, neg = scores[positive], scores[~positive]
+        return ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+
+    aucs = np.array([auc(probs[:, c], y == c) for c in range(k)])
+    return dict(acc=(pred == y).mean(), cm=cm, precision=precision, recall=recall, f1=f1, support=support, auc=aucs,
+                loss=-np.log(probs[np.arange(len(y)), y]).mean())
+
+
+def test_metrics_match_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(60, 3)).astype(np.float32)
+    y = rng.integers(0, 3, 60)
+    logits[np.arange(60), y] += rng.random(60) * 2  # better than chance, not perfect
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    ref = _numpy_metrics(probs, y, 3)
+    m = classification_metrics(torch.from_numpy(logits), torch.from_numpy(y), CLASSES)
+    w = ref["support"] / ref["support"].sum()
+    assert m["test_accuracy"] == pytest.approx(ref["acc"], abs=1e-6)
+    assert m["test_loss"] == pytest.approx(ref["loss"], abs=1e-5)
+    assert m["confusion_matrix"] == ref["cm"].tolist()
+    for name in ("precision", "recall", "f1"):
+        assert m[f"{name}_macro"] == pytest.approx(ref[name].mean(), abs=1e-6)
+        assert m[f"{name}_weighted"] == pytest.approx((ref[name] * w).sum(), abs=1e-6)
+    assert m["auroc_macro"] == pytest.approx(ref["auc"].mean(), abs=1e-5)
+    for i, c in enumerate(CLASSES):
+        assert m["per_class"][c]["auroc"] == pytest.approx(ref["auc"][i], abs=1e-5)
+        assert m["per_class"][c]["support"] == ref["support"][i]
+        assert m["per_class"][c]["f1"] == pytest.approx(ref["f1"][i], abs=1e-6)
+
+
+def test_figures_are_valid_pngs(tmp_path):
+    logits, y = torch.randn(40, 3), torch.arange(40) % 3
+    rows = [{"epoch": e, "train_loss": 2 / e, "val_loss": 2.2 / e + (e > 3) * 0.1, "train_acc": e / 10,
+             "val_acc": e / 11, "lr": 1e-3 if e < 3 else 1e-4} for e in range(1, 6)]
+    for name, fig in (("cm", plot_confusion(logits, y, CLASSES)), ("roc", plot_roc(logits, y, CLASSES)),
+                      ("curves", plot_history(rows))):
+        save_figure(fig, tmp_path / f"{name}.png")
+        with Image.open(tmp_path / f"{name}.png") as img:
+            img.verify()
+            assert img.format == "PNG" and img.size[0] > 400
