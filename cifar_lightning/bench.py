@@ -8,7 +8,8 @@
   a  plain PyTorch loop over the cached uint8 tensor (in GPU memory when there is a GPU): the limit
   b  a straightforward Lightning pipeline: ImageFolder + ToTensor + DataLoader(shuffle, workers)
   c  cifar_lightning's own: Classifier + CifarDataModule + Trainer, at each of `precision`
-Every pipeline starts from the same seed and is warmed up for `warmup_steps` (untimed). images/s is
+(a) and (b) train with plain cross-entropy: model.augment/l2/label_smoothing (off by default) apply to
+(c) alone. Every pipeline starts from the same seed and is warmed up for `warmup_steps` (untimed). images/s is
 training images / (train epoch + validation) seconds. Also timed: the cache (build and load), and
 (a) against batch size and train-set fraction. data.root must hold the layout (or data.source
 builds it, as in train). Prints tables; writes everything to outputs/bench/<date>/<time>/bench.json."""

@@ -59,6 +59,8 @@ def test_augment_flips_and_warps_on_the_batch():
 def test_experiments_train_one_epoch(experiment, tiny_layout, tmp_path):
     from cifar_lightning.train import train
 
+    # 8 steps of 16 tiny images: peak lr 0.1 would outrun BatchNorm's running statistics (momentum 0.01)
+    # and validation would be NaN; the full recipe runs on real data (RESULTS.md).
     m = train(cfg_for(tmp_path, tiny_layout, f"experiment={experiment}", "trainer.max_epochs=1", "logger=none",
-                      "data.batch_size=4"))  # enough steps for one-cycle's warmup
+                      "data.batch_size=16", "scheduler.max_lr=0.01" if experiment == "best" else "seed=0"))
     assert m["trainable_params"] == 815_018 and m["epochs_run"] == 1 and 0 <= m["test_accuracy"] <= 1

@@ -3,6 +3,8 @@
 Hyperparameters are stored as plain dicts and lists, so checkpoints load with weights_only=True."""
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -44,7 +46,8 @@ class Classifier(L.LightningModule):
             x = self.augment(x)
         logits = self(x)
         if stage != "train" and self.tta_flip:  # test-time augmentation: average with the mirror image
-            logits = (logits.softmax(-1) + self(x.flip(-1)).softmax(-1)).div(2).log()
+            pair = torch.stack([logits.log_softmax(-1), self(x.flip(-1)).log_softmax(-1)])
+            logits = pair.logsumexp(0) - math.log(2)  # log of the mean probability, finite where softmax underflows
         # = Keras sparse CE on the softmax, computed from logits
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         if stage == "train" and self.l2:  # Keras kernel_regularizer: part of the loss and of the reported loss
