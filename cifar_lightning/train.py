@@ -102,7 +102,10 @@ def train(cfg: DictConfig) -> dict:
                "best_val_loss": best_row["val_loss"], "best_val_acc": best_row["val_acc"],
                "epochs_run": len(rows), "train_seconds": round(train_seconds, 2)}
     if trainer.is_global_zero:
-        save_figure(plot_history(rows), run_dir / "training_curves.png")
+        fig = plot_history(rows)
+        if logger:
+            logger.experiment.add_figure("training_curves", fig, close=False)
+        save_figure(fig, run_dir / "training_curves.png")
 
     if cfg.test:
         ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
