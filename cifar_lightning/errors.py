@@ -31,8 +31,9 @@ def one_line(exc: BaseException) -> str:
 def cli(hydra_main: Callable[[], object]) -> None:
     """Run a @hydra.main function; print user errors as one `error:` line and exit 2."""
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
-    # Hydra also logs "Error executing job with overrides: [...]" before re-raising; we say it once.
+    # Hydra also writes "Error executing job with overrides: [...]" before re-raising; we say it once.
     logging.getLogger("hydra.core.utils").addFilter(lambda r: not r.getMessage().startswith("Error executing job"))
+    sys.stderr = _DropLines(sys.stderr, "Error executing job with overrides")
     # Make Hydra re-raise instead of printing its own multi-line report, so we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
@@ -53,3 +54,16 @@ def cli(hydra_main: Callable[[], object]) -> None:
             raise
         print(one_line(cause), file=sys.stderr)
         sys.exit(2)
+
+
+class _DropLines:
+    """A stderr that drops writes starting with `prefix` and passes everything else through."""
+
+    def __init__(self, stream, prefix: str):
+        self._stream, self._prefix = stream, prefix
+
+    def write(self, text: str) -> int:
+        return len(text) if text.startswith(self._prefix) else self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)

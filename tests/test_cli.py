@@ -91,6 +91,7 @@ def test_evaluate_mismatched_classes_lists_the_difference(trained, tmp_path):
     res = run_cli("cifar_lightning.evaluate", f"ckpt_path={run}/checkpoints/best.ckpt", f"eval_dir={bad}",
                   f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("error: ") and res.stderr.strip().count("\n") == 0
     assert "only in eval_dir ['tractor'], only in checkpoint ['truck']" in res.stderr
 
 
@@ -121,3 +122,14 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"evil.ckpt: refused"):
         load_net(evil)
     assert not marker.exists()
+
+
+def test_bench_runs_every_pipeline_and_writes_json(tiny_layout, tmp_path):
+    res = run_cli("cifar_lightning.bench", f"data.root={tiny_layout}", "trainer=cpu", "max_steps=2", "warmup_steps=1",
+                  "batch_sizes=[8]", "fractions=[0.5]", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert "c/a" in res.stdout and "c/b" in res.stdout
+    names = json.dumps(out)
+    for key in ("a", "b", "c", "ratios", "cache"):
+        assert f'"{key}' in names, key
