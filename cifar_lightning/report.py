@@ -129,19 +129,25 @@ def plot_history(rows: list[dict], reference: list[dict] | None = None, referenc
     for ax, what in zip(axes, ("acc", "loss")):
         ax.plot(epochs, [f(r, f"train_{what}") for r in rows], "o-", ms=3, label=f"train {what}")
         ax.plot(epochs, [f(r, f"val_{what}") for r in rows], "o-", ms=3, label=f"val {what}")
-        if reference:
-            ep = [int(r["epoch"]) for r in reference]
-            ax.plot(ep, [f(r, f"train_{what}") for r in reference], "--", c="C0", alpha=.5, label=f"{reference_name} train")
-            ax.plot(ep, [f(r, f"val_{what}") for r in reference], "--", c="C1", alpha=.5, label=f"{reference_name} val")
-        lrs = [f(r, "lr") for r in rows]
-        for i in range(1, len(rows)):
-            if lrs[i] < lrs[i - 1]:
-                ax.axvline(epochs[i - 1] + 0.5, c="grey", ls=":", lw=1)
+        for ref_rows, color, style, cut_color in ([(rows, None, None, "grey")] +
+                                                 ([(reference, "C3", "s--", "C3")] if reference else [])):
+            if ref_rows is not rows:
+                for split, c in (("train", "C0"), ("val", "C1")):
+                    pts = [(int(r["epoch"]), f(r, f"{split}_{what}")) for r in ref_rows if r.get(f"{split}_{what}") is not None]
+                    if pts:
+                        sparse = len(pts) < len(ref_rows)  # e.g. the notebook's two known val accuracies: no line
+                        ax.plot(*zip(*pts), style[0] if sparse else style, c=c, ms=5, alpha=.7,
+                                label=f"{reference_name} {split} {what}")
+            lrs = [f(r, "lr") for r in ref_rows]
+            for i in range(1, len(ref_rows)):
+                if lrs[i] < lrs[i - 1]:
+                    ax.axvline(int(ref_rows[i - 1]["epoch"]) + 0.5, c=cut_color, ls=":", lw=1)
         best = best_epoch(rows)
         if best:
             ax.axvline(best, c="green", ls="--", lw=1, label=f"best epoch {best}")
         ax.set_xlabel("epoch"), ax.set_ylabel(what), ax.grid(alpha=.3)
-        ax.set_title(f"{'Accuracy' if what == 'acc' else 'Loss'} (dotted: learning-rate cut)")
+        cuts = "dotted: learning-rate cut" + (f" (red: {reference_name}'s)" if reference else "")
+        ax.set_title(f"{'Accuracy' if what == 'acc' else 'Loss'} ({cuts})")
         ax.legend(fontsize=8)
     return fig
 
