@@ -87,9 +87,7 @@ def train(cfg: DictConfig) -> dict:
 
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-    train_seconds = time.perf_counter() - t0
-    if trainer.interrupted:
-        raise UserError(f"training interrupted; resume with resume={run_dir / 'checkpoints' / 'last.ckpt'}")
+    train_seconds = time.perf_counter() - t0  # Ctrl-C and SIGTERM leave fit() by SystemExit (errors.cli)
 
     rows = history.rows
     best = best_epoch(rows)
@@ -119,7 +117,7 @@ def train(cfg: DictConfig) -> dict:
                                    extra=metrics, tb_writer=tb)
         print(f"test accuracy {metrics['test_accuracy']:.4f}  macro F1 {metrics['f1_macro']:.4f}  "
               f"AUROC {metrics['auroc_macro']:.4f}")
-    else:
+    elif trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
     if logger:
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
