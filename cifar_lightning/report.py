@@ -15,6 +15,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -146,6 +147,7 @@ def plot_history(rows: list[dict], reference: list[dict] | None = None, referenc
         if best:
             ax.axvline(best, c="green", ls="--", lw=1, label=f"best epoch {best}")
         ax.set_xlabel("epoch"), ax.set_ylabel(what), ax.grid(alpha=.3)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         cuts = "dotted: learning-rate cut" + (f" (red: {reference_name}'s)" if reference else "")
         ax.set_title(f"{'Accuracy' if what == 'acc' else 'Loss'} ({cuts})")
         ax.legend(fontsize=8)
