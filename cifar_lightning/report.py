@@ -222,9 +222,13 @@ def write_summary(sweep_dir: Path) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary_row.json"))]
     rows.sort(key=lambda r: (r.get("best_val_loss") is None, r.get("best_val_loss") or 0.0))
     write_csv(sweep_dir / "summary.csv", rows, SUMMARY_COLUMNS)
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    def fmt(key, v):
+        if isinstance(v, float):
+            return f"{v:.1f}" if key == "wall_seconds" else f"{v:.4f}"
+        return "" if v is None else str(v).replace("|", "\\|")
+
     md = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
-    md += ["| " + " | ".join(fmt(r.get(c)).replace("|", "\\|") for c in SUMMARY_COLUMNS) + " |" for r in rows]
+    md += ["| " + " | ".join(fmt(c, r.get(c)) for c in SUMMARY_COLUMNS) + " |" for r in rows]
     _atomic_write(sweep_dir / "summary.md", ("\n".join(md) + "\n").encode())
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
