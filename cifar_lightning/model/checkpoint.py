@@ -19,8 +19,11 @@ def load_checkpoint(path: str | Path) -> dict:
         # Never retried with weights_only=False: a checkpoint that needs it could run code.
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UserError(f"{path}: refused: it holds objects other than plain data "
-                        f"({' '.join(str(exc).split()[:12])}...)") from exc
+        # torch's message suggests weights_only=False; we only quote the reason (e.g. the global it names)
+        reason = next((ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln), "")
+        reason = reason.split(". Please")[0]  # not its advice to allowlist what it found
+        raise UserError(f"{path}: refused: it holds objects other than tensors and plain data, which could run "
+                        f"code when loaded ({reason or type(exc).__name__})") from exc
     except Exception as exc:
         raise UserError(f"{path}: not a readable checkpoint ({' '.join(str(exc).split())[:200]})") from exc
 
