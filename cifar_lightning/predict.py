@@ -18,7 +18,7 @@ from cifar_lightning.data.folder import EXTENSIONS, decode
 from cifar_lightning.errors import UserError, cli
 from cifar_lightning.evaluate import pick_device, predict_logits
 from cifar_lightning.model.checkpoint import load_net
-from cifar_lightning.report import _short, write_csv
+from cifar_lightning.report import short_name, write_csv
 
 
 def find_inputs(spec: str) -> list[Path]:
@@ -62,7 +62,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     width = min(60, max(len(r["path"]) for r in rows))
     print(f"{'image':<{width}}  top {k}")
     for r in rows:
-        tops = "  ".join(f"{_short(r[f'top{j + 1}'])} {float(r[f'p{j + 1}']):.2f}" for j in range(k))
+        tops = "  ".join(f"{short_name(r[f'top{j + 1}'])} {float(r[f'p{j + 1}']):.2f}" for j in range(k))
         print(f"{r['path'][-width:]:<{width}}  {tops}")
     print(f"{len(rows)} images; predictions.csv in {out.parent}")
     return rows

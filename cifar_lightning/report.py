@@ -104,7 +104,7 @@ def plot_confusion(logits, labels, class_names):
     m = MulticlassConfusionMatrix(len(class_names), sync_on_compute=False)  # data is already gathered
     m.update(logits.float().softmax(-1), labels)
     fig, ax = plt.subplots(figsize=(9, 8))
-    m.plot(ax=ax, labels=[_short(c) for c in class_names])
+    m.plot(ax=ax, labels=[short_name(c) for c in class_names])
     ax.set_title("Confusion matrix (rows: true class, columns: predicted)")
     return fig
 
@@ -115,7 +115,7 @@ def plot_roc(logits, labels, class_names):
     m = MulticlassROC(len(class_names), sync_on_compute=False)
     m.update(logits.float().softmax(-1), labels)
     fig, ax = plt.subplots(figsize=(8, 7))
-    m.plot(score=True, ax=ax, labels=[_short(c) for c in class_names])  # legend: class and its AUC
+    m.plot(score=True, ax=ax, labels=[short_name(c) for c in class_names])  # legend: class and its AUC
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="chance")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("One-vs-rest ROC curves")
@@ -164,7 +164,7 @@ def best_epoch(rows: list[dict]) -> int | None:
     return best
 
 
-def _short(name: str) -> str:
+def short_name(name: str) -> str:
     return name.split("_", 1)[1] if name[:3].isdigit() and "_" in name else name
 
 

@@ -71,7 +71,7 @@ class CifarDataModule(L.LightningDataModule):
         self.num_workers, self.skip_bad_files = num_workers, skip_bad_files
         self.batching, self.resize, self.seed = batching, resize, seed
         self.classes: list[str] | None = None
-        self._data: dict[str, Dataset] = {}
+        self._data: dict[str, tuple[Dataset, list[int]]] = {}  # role -> (dataset, size of each directory)
         self.paths: dict[str, list[str]] = {}  # per split, in loader order (for predictions.csv)
 
     @property
@@ -90,39 +90,48 @@ class CifarDataModule(L.LightningDataModule):
         folders = {name: self._folder(name) for name in self.split_names}
         self.classes = check_same_classes({n: f.classes for n, f in folders.items()})
         device = self._cache_device()
+        splits = {}
         for name, folder in folders.items():
             if self.cache:
                 images, labels, self.paths[name] = load_split(folder, self.image_size, self.resize)
-                self._data[name] = TensorImages(images.to(device), labels.to(device))
+                splits[name] = TensorImages(images, labels)
             else:
-                self._data[name] = check_images(folder)
+                splits[name] = check_images(folder)
                 self.paths[name] = [p for p, _ in folder.samples]
+        # Built once per role: the train directories are concatenated here, not in every
+        # train_dataloader() call, and the cached tensors exist once (on the GPU when training there).
+        for role, names in (("train", self.train_dirs), ("val", [self.val_dir]), ("test", [self.test_dir])):
+            parts = [splits[n] for n in names]
+            if self.cache:
+                dataset = TensorImages(torch.cat([d.images for d in parts]).to(device),
+                                       torch.cat([d.labels for d in parts]).to(device))
+            else:
+                dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+            self._data[role] = (dataset, [len(d) for d in parts])
 
     def _cache_device(self) -> torch.device:
         trainer = getattr(self, "trainer", None)
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         return device if device.type == "cuda" else torch.device("cpu")
 
-    def _loader(self, names: list[str], mode: str) -> DataLoader:
-        datasets = [self._data[n] for n in names]
+    def _loader(self, role: str, mode: str) -> DataLoader:
+        dataset, sizes = self._data[role]
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = DirectoryBatchSampler([len(d) for d in datasets], self.batch_size, mode, self.seed, rank, world)
+        sampler = DirectoryBatchSampler(sizes, self.batch_size, mode, self.seed, rank, world)
         if self.cache:
-            dataset = TensorImages(torch.cat([d.images for d in datasets]), torch.cat([d.labels for d in datasets]))
             return DataLoader(dataset, batch_sampler=sampler, collate_fn=_whole_batch, num_workers=0)
-        return DataLoader(ConcatDataset(datasets), batch_sampler=sampler, num_workers=self.num_workers,
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self):
-        return self._loader(self.train_dirs, self.batching)
+        return self._loader("train", self.batching)
 
     def val_dataloader(self):
-        return self._loader([self.val_dir], "sequential")
+        return self._loader("val", "sequential")
 
     def test_dataloader(self):
-        return self._loader([self.test_dir], "sequential")
-
+        return self._loader("test", "sequential")
 
 def check_images(folder: KerasImageFolder) -> KerasImageFolder:
     """Per-file path: decode each file once at setup, so a bad file is found now and not halfway
