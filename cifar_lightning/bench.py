@@ -2,6 +2,7 @@
 
     python -m cifar_lightning.bench                                   # a, b, c; full epochs on data/cifar10
     python -m cifar_lightning.bench pipelines=[a,c] max_steps=50      # quick: 50 training steps per timed epoch
+    python -m cifar_lightning.bench rounds=5 max_steps=150            # a noisy machine: median of 5 interleaved rounds
     python -m cifar_lightning.bench data.root=/tmp/real/cifar10 pipelines=[a] batch_sizes=[64,256] fractions=[]
     python -m cifar_lightning.bench trainer=gpu                       # (c) at 32-true and bf16-mixed side by side
 
@@ -23,6 +24,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import tempfile
 import time
 import warnings
@@ -114,6 +116,11 @@ def result(images: int, steps: int, full_steps: int, val_steps: int, train_s: fl
             "train_s": round(train_s, 4), "val_s": round(val_s, 4), "epoch_s": round(epoch_s, 4),
             "images_per_s": round(images / epoch_s, 1), "full_epoch_s_est": round(epoch_s * full_steps / steps, 2),
             "val_acc": None if val_acc is None else round(float(val_acc), 4)}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median epoch time (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r["epoch_s"])[(len(runs) - 1) // 2]
 
 
 def model_dict(cfg: DictConfig, num_classes: int) -> dict:
@@ -332,6 +339,8 @@ def bench(cfg: DictConfig) -> dict:
     unknown = set(cfg.pipelines) - {"a", "b", "c"}
     if unknown:
         raise UserError(f"pipelines: {sorted(unknown)} unknown (choose from a, b, c)")
+    if cfg.rounds < 1:
+        raise UserError(f"rounds={cfg.rounds}: must be 1 or more")
     if any(not 0 < f <= 1 for f in cfg.fractions):
         raise UserError(f"fractions={list(cfg.fractions)}: each must be in (0, 1]")
     run_dir = Path(cfg.run_dir)
@@ -376,54 +385,62 @@ def bench(cfg: DictConfig) -> dict:
           f"{cache['build_images_per_s']:,.0f} images/s; load {cache['load_s']:.3f} s; datamodule setup, "
           f"{len(base.split_names)} splits {'from cache' if had_cache else 'building caches'}: {cache['setup_s']:.2f} s")
 
-    rows = []
+    # Each timed epoch is a closure; `rounds` runs them all in turn, a, b, c, a, b, c..., so a slow
+    # spell on a shared machine lands on every pipeline alike, and each round gives a paired ratio.
+    runners = []  # (pipeline, precision, row name, run)
     if "a" in cfg.pipelines:
-        reset_peaks()
         data = {"x": train_ds.dataset.images.to(device), "y": train_ds.dataset.labels.to(device), "sizes": sizes,
                 "vx": val_ds.dataset.images.to(device), "vy": val_ds.dataset.labels.to(device),
                 "num_classes": len(classes)}
-        a = plain_epoch(cfg, data, device, bs)
-        rows.append({"pipeline": "a", "name": "a  plain loop, uint8 tensor", "precision": "32-true", **a,
-                     "memory": memory()})
-        # How the limit scales; the main run stands in for (batch_size, 1.0).
+        runners.append(("a", "32-true", "a  plain loop, uint8 tensor", lambda: plain_epoch(cfg, data, device, bs)))
+    del train_ds, val_ds, base
+    if "b" in cfg.pipelines:
+        runners.append(("b", "32-true", "b  Lightning + ImageFolder + ToTensor",
+                        lambda: pipeline_b(cfg, device, len(classes))))
+    if "c" in cfg.pipelines:
+        for p in map(str, cfg.precision):
+            if "16" in p and device.type != "cuda":
+                out["notes"].append(f"(c) at precision {p} skipped: needs CUDA, this run is on CPU")
+                continue  # one datamodule for every (c): its cache loads once
+            runners.append(("c", p, f"c  cifar_lightning, {p}",
+                            lambda p=p: pipeline_c(cfg, dm, classes, sizes, n_val_images, p)))
+    timed: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(cfg.rounds):
+        for pipeline, precision, _, run in runners:
+            reset_peaks()
+            timed.setdefault((pipeline, precision), []).append({**run(), "memory": memory()})
+            free(device)
+    rows = [{"pipeline": pl, "name": name, "precision": pr, **median_run(timed[pl, pr]),
+             "memory": max((r["memory"] for r in timed[pl, pr]), key=lambda m: m["peak_rss_MiB"]),
+             "rounds": [{k: r[k] for k in ("epoch_s", "images_per_s")} for r in timed[pl, pr]]}
+            for pl, pr, name, _ in runners]
+    if "a" in cfg.pipelines:  # how the limit scales; the main run stands in for (batch_size, 1.0)
+        a = median_run(timed["a", "32-true"])
         out["scaling_batch_size"] = [{"batch_size": b, **(a if b == bs else plain_epoch(cfg, data, device, b))}
                                      for b in cfg.batch_sizes]
         out["scaling_fraction"] = [{"fraction": f, **(a if f == 1 else plain_epoch(cfg, data, device, bs, f))}
                                    for f in cfg.fractions]
         del data
-    del train_ds, val_ds, base
     free(device)
 
-    if "b" in cfg.pipelines:
-        reset_peaks()
-        b = pipeline_b(cfg, device, len(classes))
-        rows.append({"pipeline": "b", "name": "b  Lightning + ImageFolder + ToTensor", "precision": "32-true", **b,
-                     "memory": memory()})
-        free(device)
-
-    if "c" in cfg.pipelines:
-        for p in cfg.precision:
-            if "16" in str(p) and device.type != "cuda":
-                out["notes"].append(f"(c) at precision {p} skipped: needs CUDA, this run is on CPU")
-                continue
-            reset_peaks()
-            r = pipeline_c(cfg, dm, classes, sizes, n_val_images, str(p))  # one datamodule: its cache loads once
-            rows.append({"pipeline": "c", "name": f"c  cifar_lightning, {p}", "precision": str(p), **r,
-                         "memory": memory()})
-            free(device)
-
-    # Ratios: throughput of (c) at the first precision over (a) and (b); a bf16 row over fp32 (c).
-    ips = {(r["pipeline"], r["precision"]): r["images_per_s"] for r in rows}
+    # Ratios of (c) at the first precision over (a) and (b), and of a bf16 row over fp32 (c): the median
+    # of the per-round ratios (each pair timed minutes apart), and each round's.
     c0 = next((r for r in rows if r["pipeline"] == "c"), None)
-    ratios = {}
+    ratios, per_round = {}, {}
+
+    def ratio(name: str, num: tuple[str, str], den: tuple[str, str]) -> None:
+        pairs = [x["images_per_s"] / y["images_per_s"] for x, y in zip(timed[num], timed[den])]
+        ratios[name], per_round[name] = round(statistics.median(pairs), 3), [round(q, 3) for q in pairs]
+
     for other in ("a", "b"):
-        if c0 and (other, "32-true") in ips:
-            ratios[f"c/{other}"] = round(c0["images_per_s"] / ips[other, "32-true"], 3)
+        if c0 and (other, "32-true") in timed:
+            ratio(f"c/{other}", ("c", c0["precision"]), (other, "32-true"))
     for r in rows:
         if r["pipeline"] == "c" and r is not c0:
-            ratios[f"c[{r['precision']}]/c[{c0['precision']}]"] = round(r["images_per_s"] / c0["images_per_s"], 3)
+            ratio(f"c[{r['precision']}]/c[{c0['precision']}]", ("c", r["precision"]), ("c", c0["precision"]))
+    ips = {(r["pipeline"], r["precision"]): r["images_per_s"] for r in rows}
     base_ips = ips.get(("a", "32-true"))
-    out.update(results=rows, ratios=ratios)
+    out.update(results=rows, ratios=ratios, ratios_per_round=per_round)
     # Capped: the extrapolated full epoch is worth a column, and val acc is not (capped validation
     # sees the first, class-sorted, images only: one or two classes).
     drop = "val_acc" if cfg.max_steps else "full_epoch_s_est"
@@ -438,6 +455,9 @@ def bench(cfg: DictConfig) -> dict:
         cols.append(("GPU peak MiB", "gpu_peak", ",.0f"))
     print(table(shown, cols))
     print("  ".join(f"{k} = {v:.2f}" for k, v in ratios.items()) or "(no ratios: run a and c, or b and c)")
+    if cfg.rounds > 1:
+        print(f"median of {cfg.rounds} interleaved rounds; per round: "
+              + "; ".join(f"{k} " + " ".join(f"{q:.2f}" for q in v) for k, v in per_round.items()))
     for note in out["notes"]:
         print(note)
     if out.get("scaling_batch_size"):

@@ -133,3 +133,18 @@ def test_bench_runs_every_pipeline_and_writes_json(tiny_layout, tmp_path):
     assert [r["pipeline"] for r in out["results"]] == ["a", "b", "c"]
     assert out["ratios"]["c/a"] > 0 and out["ratios"]["c/b"] > 0
     assert out["cache"]["load_s"] < out["cache"]["build_s"] + 1 and out["scaling_fraction"] and out["scaling_batch_size"]
+
+
+def test_bench_interleaved_rounds_report_median_and_paired_ratios(tiny_layout, tmp_path):
+    res = run_cli("cifar_lightning.bench", f"data.root={tiny_layout}", "trainer=cpu", "pipelines=[a,c]", "rounds=3",
+                  "max_steps=2", "warmup_steps=0", "batch_sizes=[]", "fractions=[]",
+                  f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "b" / "bench.json").read_text())
+    for row in out["results"]:
+        times = sorted(r["epoch_s"] for r in row["rounds"])
+        assert len(times) == 3 and row["epoch_s"] == times[1]  # the median round is the row
+    pairs = [c["images_per_s"] / a["images_per_s"] for a, c in zip(*(r["rounds"] for r in out["results"]))]
+    assert out["ratios_per_round"]["c/a"] == pytest.approx(pairs, abs=1e-3)
+    assert out["ratios"]["c/a"] == pytest.approx(sorted(pairs)[1], abs=1e-3)
+    assert "per round: c/a" in res.stdout
