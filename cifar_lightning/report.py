@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -183,7 +184,7 @@ def write_evaluation(run_dir: Path, logits, labels, paths, class_names, extra: d
 
 
 # ---------------------------------------------------------------- sweep summary
-SUMMARY_COLUMNS = ["job", "overrides", "status", "error", "best_epoch", "best_val_loss", "test_accuracy",
+SUMMARY_COLUMNS = ["job", "overrides", "seed", "status", "error", "best_epoch", "best_val_loss", "test_accuracy",
                    "f1_macro", "auroc_macro", "epochs_run", "wall_seconds"]
 
 
@@ -205,6 +206,9 @@ class SweepSummary(Callback):
             return
         run_dir = Path(config.hydra.runtime.output_dir)
         row = {"job": run_dir.name, "overrides": " ".join(config.hydra.overrides.task),
+               # the recipe: what the job ran apart from its seed, so a seed sweep can be averaged
+               "recipe": " ".join(o for o in config.hydra.overrides.task if not o.startswith("seed=")) or "(defaults)",
+               "seed": config.get("seed"),
                "wall_seconds": round(time.perf_counter() - self._start.pop(str(run_dir), time.perf_counter()), 1)}
         if job_return.status == JobStatus.COMPLETED:
             row["status"] = "completed"
@@ -218,6 +222,42 @@ class SweepSummary(Callback):
         write_summary(Path(config.hydra.sweep.dir))
 
 
+SEED_STAT_COLUMNS = ["test_accuracy", "f1_macro", "auroc_macro", "best_val_loss", "best_epoch", "epochs_run",
+                     "wall_seconds"]
+
+
+def seed_stats(rows: list[dict]) -> list[dict]:
+    """Per recipe (a job's overrides without seed=), the mean and sample std of each metric over its
+    completed jobs; the std is None for a single seed."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("status") != "completed":
+            continue
+        if "recipe" not in r:  # a row written before rows named their recipe: split its overrides
+            words = r.get("overrides", "").split()
+            r["recipe"] = " ".join(w for w in words if not w.startswith("seed=")) or "(defaults)"
+            r["seed"] = next((w[5:] for w in words if w.startswith("seed=")), None)
+        groups.setdefault(r["recipe"], []).append(r)
+    out = []
+    for recipe, jobs in groups.items():
+        jobs.sort(key=lambda j: str(j.get("seed")))
+        row = {"recipe": recipe, "seeds": " ".join(str(j.get("seed")) for j in jobs)}
+        for k in SEED_STAT_COLUMNS:
+            values = [float(j[k]) for j in jobs if j.get(k) is not None]
+            if values:
+                row[k] = statistics.mean(values)
+                row[f"{k}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        out.append(row)
+    return out
+
+
+def fmt_mean_std(key: str, mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return ""
+    f = ".1f" if key in ("wall_seconds", "best_epoch", "epochs_run") else ".4f"
+    return format(mean, f) + ("" if std is None else f" ± {std:{f}}")
+
+
 def write_summary(sweep_dir: Path) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary_row.json"))]
     rows.sort(key=lambda r: (r.get("best_val_loss") is None, r.get("best_val_loss") or 0.0))
@@ -229,6 +269,15 @@ def write_summary(sweep_dir: Path) -> list[dict]:
 
     md = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
     md += ["| " + " | ".join(fmt(c, r.get(c)) for c in SUMMARY_COLUMNS) + " |" for r in rows]
+    stats = seed_stats(rows)
+    if stats:
+        write_csv(sweep_dir / "seeds.csv", stats, ["recipe", "seeds"] + [c for k in SEED_STAT_COLUMNS
+                                                                         for c in (k, f"{k}_std")])
+        md += ["", "Mean ± std (sample, n-1) over seeds: the jobs that finished, grouped by their overrides apart from `seed=`.",
+               "", "| recipe | seeds | " + " | ".join(SEED_STAT_COLUMNS) + " |", "|" + "---|" * (2 + len(SEED_STAT_COLUMNS))]
+        md += ["| " + " | ".join([r["recipe"].replace("|", "\\|"), r["seeds"]]
+                                 + [fmt_mean_std(k, r.get(k), r.get(f"{k}_std")) for k in SEED_STAT_COLUMNS]) + " |"
+               for r in stats]
     _atomic_write(sweep_dir / "summary.md", ("\n".join(md) + "\n").encode())
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:

@@ -58,3 +58,28 @@ def test_figures_are_valid_pngs(tmp_path):
         with Image.open(tmp_path / f"{name}.png") as img:
             img.verify()
             assert img.format == "PNG" and img.size[0] > 400
+
+
+def test_sweep_summary_averages_each_recipe_over_its_seeds(tmp_path):
+    import csv
+    import json
+
+    from cifar_lightning.report import write_summary
+    jobs = [("optim=adam seed=0", "optim=adam", 0, 0.80), ("optim=adam seed=1", "optim=adam", 1, 0.84),
+            ("optim=sgd seed=0", "optim=sgd", 0, 0.70), ("optim=sgd seed=1", "optim=sgd", 1, None)]
+    for i, (overrides, recipe, seed, acc) in enumerate(jobs):
+        (tmp_path / str(i)).mkdir()
+        row = {"job": str(i), "overrides": overrides, "status": "completed" if acc else "failed",
+               "best_val_loss": 1.0 - (acc or 0), "test_accuracy": acc}
+        if i % 2:  # rows from before recipe and seed were recorded are grouped by their overrides
+            row.update(recipe=recipe, seed=seed)
+        (tmp_path / str(i) / "summary_row.json").write_text(json.dumps(row))
+    write_summary(tmp_path)
+    with open(tmp_path / "seeds.csv") as f:
+        stats = {r["recipe"]: r for r in csv.DictReader(f)}
+    assert stats["optim=adam"]["seeds"] == "0 1"
+    assert float(stats["optim=adam"]["test_accuracy"]) == pytest.approx(0.82)
+    assert float(stats["optim=adam"]["test_accuracy_std"]) == pytest.approx(np.std([0.80, 0.84], ddof=1))
+    # the failed seed is left out, and one seed has no spread
+    assert stats["optim=sgd"]["seeds"] == "0" and stats["optim=sgd"]["test_accuracy_std"] == ""
+    assert "| optim=adam | 0 1 | 0.8200 ± 0.0283 |" in (tmp_path / "summary.md").read_text()
