@@ -5,13 +5,15 @@
     python -m cifar_lightning.bench rounds=5 max_steps=150            # a noisy machine: median of 5 interleaved rounds
     python -m cifar_lightning.bench data.root=/tmp/real/cifar10 pipelines=[a] batch_sizes=[64,256] fractions=[]
     python -m cifar_lightning.bench trainer=gpu                       # (c) at 32-true and bf16-mixed side by side
+    python -m cifar_lightning.bench pipelines=[c] model.compile=true  # compile's one-off cost and per-epoch gain
 
   a  plain PyTorch loop over the cached uint8 tensor (in GPU memory when there is a GPU): the limit
   b  a straightforward Lightning pipeline: ImageFolder + ToTensor + DataLoader(shuffle, workers)
   c  cifar_lightning's own: Classifier + CifarDataModule + Trainer, at each of `precision`
 (a) and (b) train with plain cross-entropy: model.augment/l2/label_smoothing (off by default) apply to
 (c) alone. Every pipeline starts from the same seed and is warmed up for `warmup_steps` (untimed). images/s is
-training images / (train epoch + validation) seconds. Also timed: the cache (build and load), and
+training images / (train epoch + validation) seconds; "one-off s" is what the warm-up took beyond its steps
+at the epoch's pace (torch.compile's compile time, with model.compile=true). Also timed: the cache (build and load), and
 (a) against batch size and train-set fraction. data.root must hold the layout (or data.source
 builds it, as in train). Prints tables; writes everything to outputs/bench/<date>/<time>/bench.json."""
 from __future__ import annotations
@@ -118,6 +120,13 @@ def result(images: int, steps: int, full_steps: int, val_steps: int, train_s: fl
             "val_acc": None if val_acc is None else round(float(val_acc), 4)}
 
 
+def with_warmup(r: dict, warmup_s: float, steps: int) -> dict:
+    """The warm-up's wall time, and its one-off cost: what it took beyond `steps` training and
+    validation steps at the timed epoch's pace (torch.compile's compile time, allocator, autotuning)."""
+    pace = r["train_s"] / r["train_steps"] + r["val_s"] / r["val_steps"]
+    return {**r, "warmup_s": round(warmup_s, 3), "one_off_s": round(warmup_s - steps * pace, 3) if steps else None}
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run with the median epoch time (the lower middle one of an even count)."""
     return sorted(runs, key=lambda r: r["epoch_s"])[(len(runs) - 1) // 2]
@@ -175,7 +184,8 @@ def plain_epoch(cfg: DictConfig, data: dict, device: torch.device, batch_size: i
         return correct.item() / end
 
     w = cfg.warmup_steps
-    if w:  # allocator, thread pools, cuDNN algorithm choice: not part of an epoch
+    tw = clock(device)
+    if w:  # allocator, thread pools, cuDNN algorithm choice, torch.compile: not part of an epoch
         train(batches[:w])
         validate(w)
     t0 = clock(device)
@@ -184,7 +194,7 @@ def plain_epoch(cfg: DictConfig, data: dict, device: torch.device, batch_size: i
     acc = validate(n_val)
     t2 = clock(device)
     images = sum(len(b) for b in batches[:n_train])
-    return result(images, n_train, len(batches), n_val, t1 - t0, t2 - t1, acc)
+    return with_warmup(result(images, n_train, len(batches), n_val, t1 - t0, t2 - t1, acc), t0 - tw, w)
 
 
 # ---------------------------------------------------------------- (b) and (c): Lightning
@@ -208,14 +218,16 @@ class EpochTimer(L.Callback):
 def lightning_epoch(make_trainer, module: L.LightningModule, n_train: int, n_val: int, cfg: DictConfig,
                     **fit_kwargs) -> dict:
     """Warm up with a short fit, then time one epoch with a fresh Trainer on the same module."""
+    tw = time.perf_counter()
     if cfg.warmup_steps:
         make_trainer(limit_train_batches=cfg.warmup_steps, limit_val_batches=cfg.warmup_steps).fit(module, **fit_kwargs)
+    warmup_s = time.perf_counter() - tw
     steps, val_steps = caps(n_train, n_val, cfg.max_steps)
     timer = EpochTimer()
     trainer = make_trainer(callbacks=[timer], limit_train_batches=steps, limit_val_batches=val_steps)
     trainer.fit(module, **fit_kwargs)
-    return result(timer.images, steps, n_train, val_steps, timer.t1 - timer.t0, timer.t2 - timer.t1,
-                  trainer.callback_metrics.get("val/acc"))
+    return with_warmup(result(timer.images, steps, n_train, val_steps, timer.t1 - timer.t0, timer.t2 - timer.t1,
+                              trainer.callback_metrics.get("val/acc")), warmup_s, cfg.warmup_steps)
 
 
 class PlainModule(L.LightningModule):
@@ -313,7 +325,7 @@ def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
 
 EPOCH_COLS = [("images/s", "images_per_s", ",.0f"), ("epoch s", "epoch_s", ".2f"), ("train s", "train_s", ".2f"),
               ("val s", "val_s", ".2f"), ("steps", "steps", ""), ("full epoch s (est.)", "full_epoch_s_est", ".1f"),
-              ("val acc", "val_acc", ".3f")]
+              ("val acc", "val_acc", ".3f"), ("one-off s", "one_off_s", ".1f")]
 
 
 def with_steps(r: dict) -> dict:

@@ -132,6 +132,7 @@ def test_bench_runs_every_pipeline_and_writes_json(tiny_layout, tmp_path):
     assert "c/a" in res.stdout and "c/b" in res.stdout
     assert [r["pipeline"] for r in out["results"]] == ["a", "b", "c"]
     assert out["ratios"]["c/a"] > 0 and out["ratios"]["c/b"] > 0
+    assert all(0 < r["warmup_s"] and r["one_off_s"] < r["warmup_s"] for r in out["results"])
     assert out["cache"]["load_s"] < out["cache"]["build_s"] + 1 and out["scaling_fraction"] and out["scaling_batch_size"]
 
 
