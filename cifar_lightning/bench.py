@@ -5,11 +5,11 @@
     python -m cifar_lightning.bench rounds=5 max_steps=150            # a noisy machine: median of 5 interleaved rounds
     python -m cifar_lightning.bench data.root=/tmp/real/cifar10 pipelines=[a] batch_sizes=[64,256] fractions=[]
     python -m cifar_lightning.bench trainer=gpu                       # (c) at 32-true and bf16-mixed side by side
-    python -m cifar_lightning.bench pipelines=[c] model.compile=true  # compile's one-off cost and per-epoch gain
+    python -m cifar_lightning.bench pipelines=[c] compile_c=[false,true]  # does torch.compile pay off in 30 epochs?
 
   a  plain PyTorch loop over the cached uint8 tensor (in GPU memory when there is a GPU): the limit
   b  a straightforward Lightning pipeline: ImageFolder + ToTensor + DataLoader(shuffle, workers)
-  c  cifar_lightning's own: Classifier + CifarDataModule + Trainer, at each of `precision`
+  c  cifar_lightning's own: Classifier + CifarDataModule + Trainer, at each of `precision` x `compile_c`
 (a) and (b) train with plain cross-entropy: model.augment/l2/label_smoothing (off by default) apply to
 (c) alone. Every pipeline starts from the same seed and is warmed up for `warmup_steps` (untimed). images/s is
 training images / (train epoch + validation) seconds; "one-off s" is what the warm-up took beyond its steps
@@ -125,6 +125,21 @@ def with_warmup(r: dict, warmup_s: float, steps: int) -> dict:
     validation steps at the timed epoch's pace (torch.compile's compile time, allocator, autotuning)."""
     pace = r["train_s"] / r["train_steps"] + r["val_s"] / r["val_steps"]
     return {**r, "warmup_s": round(warmup_s, 3), "one_off_s": round(warmup_s - steps * pace, 3) if steps else None}
+
+
+def compile_payoff(rows: list[dict], epochs: int = 30) -> list[dict]:
+    """For each compiled (c) with an eager (c) at its precision: the extra one-off cost, the time saved
+    per full epoch, and after how many epochs compiling pays off (None: it never does)."""
+    eager = {r["precision"]: r for r in rows if r["pipeline"] == "c" and not r["variant"].endswith("+compile")}
+    out = []
+    for r in rows:
+        e = eager.get(r["precision"])
+        if r["pipeline"] == "c" and r["variant"].endswith("+compile") and e:
+            one_off, saved = r["one_off_s"] - e["one_off_s"], e["full_epoch_s_est"] - r["full_epoch_s_est"]
+            out.append({"precision": r["precision"], "one_off_s": round(one_off, 1), "saved_per_epoch_s": round(saved, 2),
+                        "pays_off_after_epochs": round(one_off / saved, 1) if saved > 0 else None,
+                        f"net_gain_{epochs}_epochs_s": round(epochs * saved - one_off, 1)})
+    return out
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -399,7 +414,7 @@ def bench(cfg: DictConfig) -> dict:
 
     # Each timed epoch is a closure; `rounds` runs them all in turn, a, b, c, a, b, c..., so a slow
     # spell on a shared machine lands on every pipeline alike, and each round gives a paired ratio.
-    runners = []  # (pipeline, precision, row name, run)
+    runners = []  # (pipeline, variant, row name, run); a variant is a precision, "+compile" when compiled
     if "a" in cfg.pipelines:
         data = {"x": train_ds.dataset.images.to(device), "y": train_ds.dataset.labels.to(device), "sizes": sizes,
                 "vx": val_ds.dataset.images.to(device), "vy": val_ds.dataset.labels.to(device),
@@ -413,16 +428,20 @@ def bench(cfg: DictConfig) -> dict:
         for p in map(str, cfg.precision):
             if "16" in p and device.type != "cuda":
                 out["notes"].append(f"(c) at precision {p} skipped: needs CUDA, this run is on CPU")
-                continue  # one datamodule for every (c): its cache loads once
-            runners.append(("c", p, f"c  cifar_lightning, {p}",
-                            lambda p=p: pipeline_c(cfg, dm, classes, sizes, n_val_images, p)))
+                continue
+            for compiled in ([cfg.model.compile] if cfg.compile_c is None else cfg.compile_c):
+                v = p + ("+compile" if compiled else "")
+                c_cfg = copy.deepcopy(cfg)
+                c_cfg.model.compile = bool(compiled)
+                runners.append(("c", v, f"c  cifar_lightning, {v}",  # one datamodule for all: the cache loads once
+                                lambda p=p, c_cfg=c_cfg: pipeline_c(c_cfg, dm, classes, sizes, n_val_images, p)))
     timed: dict[tuple[str, str], list[dict]] = {}
     for _ in range(cfg.rounds):
-        for pipeline, precision, _, run in runners:
+        for pipeline, variant, _, run in runners:
             reset_peaks()
-            timed.setdefault((pipeline, precision), []).append({**run(), "memory": memory()})
+            timed.setdefault((pipeline, variant), []).append({**run(), "memory": memory()})
             free(device)
-    rows = [{"pipeline": pl, "name": name, "precision": pr, **median_run(timed[pl, pr]),
+    rows = [{"pipeline": pl, "name": name, "variant": pr, "precision": pr.split("+")[0], **median_run(timed[pl, pr]),
              "memory": max((r["memory"] for r in timed[pl, pr]), key=lambda m: m["peak_rss_MiB"]),
              "rounds": [{k: r[k] for k in ("epoch_s", "images_per_s")} for r in timed[pl, pr]]}
             for pl, pr, name, _ in runners]
@@ -446,11 +465,12 @@ def bench(cfg: DictConfig) -> dict:
 
     for other in ("a", "b"):
         if c0 and (other, "32-true") in timed:
-            ratio(f"c/{other}", ("c", c0["precision"]), (other, "32-true"))
+            ratio(f"c/{other}", ("c", c0["variant"]), (other, "32-true"))
     for r in rows:
         if r["pipeline"] == "c" and r is not c0:
-            ratio(f"c[{r['precision']}]/c[{c0['precision']}]", ("c", r["precision"]), ("c", c0["precision"]))
-    ips = {(r["pipeline"], r["precision"]): r["images_per_s"] for r in rows}
+            ratio(f"c[{r['variant']}]/c[{c0['variant']}]", ("c", r["variant"]), ("c", c0["variant"]))
+    out["compile_payoff"] = compile_payoff(rows)
+    ips = {(r["pipeline"], r["variant"]): r["images_per_s"] for r in rows}
     base_ips = ips.get(("a", "32-true"))
     out.update(results=rows, ratios=ratios, ratios_per_round=per_round)
     # Capped: the extrapolated full epoch is worth a column, and val acc is not (capped validation
@@ -470,6 +490,11 @@ def bench(cfg: DictConfig) -> dict:
     if cfg.rounds > 1:
         print(f"median of {cfg.rounds} interleaved rounds; per round: "
               + "; ".join(f"{k} " + " ".join(f"{q:.2f}" for q in v) for k, v in per_round.items()))
+    for c in out["compile_payoff"]:
+        after = c["pays_off_after_epochs"]
+        print(f"torch.compile at {c['precision']}: one-off {c['one_off_s']:.1f} s, saves {c['saved_per_epoch_s']:.2f} s "
+              f"per full epoch: " + (f"pays off after {after:.1f} epochs" if after is not None else "never pays off")
+              + f"; net over 30 epochs {c['net_gain_30_epochs_s']:+.1f} s")
     for note in out["notes"]:
         print(note)
     if out.get("scaling_batch_size"):
@@ -481,7 +506,7 @@ def bench(cfg: DictConfig) -> dict:
                     [("fraction", "fraction", ".2f"), ("images", "images", ",")] + epoch_cols))
     print(f"\nRSS after imports {RSS_AFTER_IMPORTS_MiB:,.0f} MiB; peak RSS per stage (MiB): "
           + ", ".join([f"cache+setup {out['cache']['memory']['peak_rss_MiB']:,.0f}"]
-                      + [f"{r['pipeline']}[{r['precision']}] {r['memory']['peak_rss_MiB']:,.0f}" for r in rows]))
+                      + [f"{r['pipeline']}[{r['variant']}] {r['memory']['peak_rss_MiB']:,.0f}" for r in rows]))
     write_json(run_dir / "bench.json", out)
     print(f"bench.json in {run_dir}")
     return out

@@ -149,3 +149,28 @@ def test_bench_interleaved_rounds_report_median_and_paired_ratios(tiny_layout, t
     assert out["ratios_per_round"]["c/a"] == pytest.approx(pairs, abs=1e-3)
     assert out["ratios"]["c/a"] == pytest.approx(sorted(pairs)[1], abs=1e-3)
     assert "per round: c/a" in res.stdout
+
+
+def test_bench_compile_payoff_arithmetic():
+    from cifar_lightning.bench import compile_payoff
+    rows = [{"pipeline": "a", "variant": "32-true", "precision": "32-true", "one_off_s": 0.5, "full_epoch_s_est": 50.0},
+            {"pipeline": "c", "variant": "32-true", "precision": "32-true", "one_off_s": 1.0, "full_epoch_s_est": 60.0},
+            {"pipeline": "c", "variant": "32-true+compile", "precision": "32-true", "one_off_s": 41.0,
+             "full_epoch_s_est": 56.0}]
+    (p,) = compile_payoff(rows)
+    assert p == {"precision": "32-true", "one_off_s": 40.0, "saved_per_epoch_s": 4.0, "pays_off_after_epochs": 10.0,
+                 "net_gain_30_epochs_s": 80.0}
+    rows[2]["full_epoch_s_est"] = 61.0  # slower compiled: never pays off
+    assert compile_payoff(rows)[0]["pays_off_after_epochs"] is None
+
+
+@pytest.mark.slow  # compiles the network on the CPU: a minute or more
+def test_bench_times_eager_and_compiled_c_side_by_side(tiny_layout, tmp_path):
+    res = run_cli("cifar_lightning.bench", f"data.root={tiny_layout}", "trainer=cpu", "pipelines=[c]",
+                  "compile_c=[false,true]", "max_steps=2", "warmup_steps=1", "batch_sizes=[]", "fractions=[]",
+                  f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert [r["variant"] for r in out["results"]] == ["32-true", "32-true+compile"]
+    assert "c[32-true+compile]/c[32-true]" in out["ratios"] and "torch.compile at 32-true" in res.stdout
+    assert out["compile_payoff"][0]["one_off_s"] > 0  # compiling costs time up front
