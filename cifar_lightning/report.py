@@ -231,13 +231,12 @@ def seed_stats(rows: list[dict]) -> list[dict]:
     completed jobs; the std is None for a single seed."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        if r.get("status") != "completed":
-            continue
         if "recipe" not in r:  # a row written before rows named their recipe: split its overrides
             words = r.get("overrides", "").split()
             r["recipe"] = " ".join(w for w in words if not w.startswith("seed=")) or "(defaults)"
             r["seed"] = next((w[5:] for w in words if w.startswith("seed=")), None)
-        groups.setdefault(r["recipe"], []).append(r)
+        if r.get("status") == "completed":
+            groups.setdefault(r["recipe"], []).append(r)
     out = []
     for recipe, jobs in groups.items():
         jobs.sort(key=lambda j: str(j.get("seed")))
@@ -261,7 +260,9 @@ def fmt_mean_std(key: str, mean: float | None, std: float | None) -> str:
 def write_summary(sweep_dir: Path) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary_row.json"))]
     rows.sort(key=lambda r: (r.get("best_val_loss") is None, r.get("best_val_loss") or 0.0))
+    stats = seed_stats(rows)  # also names the recipe and seed of rows written before rows recorded them
     write_csv(sweep_dir / "summary.csv", rows, SUMMARY_COLUMNS)
+
     def fmt(key, v):
         if isinstance(v, float):
             return f"{v:.1f}" if key == "wall_seconds" else f"{v:.4f}"
@@ -269,7 +270,6 @@ def write_summary(sweep_dir: Path) -> list[dict]:
 
     md = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
     md += ["| " + " | ".join(fmt(c, r.get(c)) for c in SUMMARY_COLUMNS) + " |" for r in rows]
-    stats = seed_stats(rows)
     if stats:
         write_csv(sweep_dir / "seeds.csv", stats, ["recipe", "seeds"] + [c for k in SEED_STAT_COLUMNS
                                                                          for c in (k, f"{k}_std")])
