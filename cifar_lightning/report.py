@@ -207,7 +207,7 @@ class SweepSummary(Callback):
         run_dir = Path(config.hydra.runtime.output_dir)
         row = {"job": run_dir.name, "overrides": " ".join(config.hydra.overrides.task),
                # the recipe: what the job ran apart from its seed, so a seed sweep can be averaged
-               "recipe": " ".join(o for o in config.hydra.overrides.task if not o.startswith("seed=")) or "(defaults)",
+               "recipe": recipe_of(config.hydra.overrides.task),
                "seed": config.get("seed"),
                "wall_seconds": round(time.perf_counter() - self._start.pop(str(run_dir), time.perf_counter()), 1)}
         if job_return.status == JobStatus.COMPLETED:
@@ -226,6 +226,11 @@ SEED_STAT_COLUMNS = ["test_accuracy", "f1_macro", "auroc_macro", "best_val_loss"
                      "wall_seconds"]
 
 
+def recipe_of(overrides) -> str:
+    """A job's overrides without its seed: the jobs of a seed sweep share it."""
+    return " ".join(o for o in overrides if not o.startswith("seed=")) or "(defaults)"
+
+
 def seed_stats(rows: list[dict]) -> list[dict]:
     """Per recipe (a job's overrides without seed=), the mean and sample std of each metric over its
     completed jobs; the std is None for a single seed."""
@@ -233,7 +238,7 @@ def seed_stats(rows: list[dict]) -> list[dict]:
     for r in rows:
         if "recipe" not in r:  # a row written before rows named their recipe: split its overrides
             words = r.get("overrides", "").split()
-            r["recipe"] = " ".join(w for w in words if not w.startswith("seed=")) or "(defaults)"
+            r["recipe"] = recipe_of(words)
             r["seed"] = next((w[5:] for w in words if w.startswith("seed=")), None)
         if r.get("status") == "completed":
             groups.setdefault(r["recipe"], []).append(r)
