@@ -40,6 +40,27 @@ def check_targets(node: Any, key: str = "") -> None:
             check_targets(v, path)
 
 
+def check_override_targets(argv: list[str]) -> None:
+    """check_targets on the command line's overrides. Hydra builds `hydra.callbacks` (and launchers)
+    before any of our code sees the config, so `+hydra.callbacks.x._target_=os.system` must be
+    refused here, before Hydra starts. Overrides Hydra cannot parse are left for Hydra to report."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception:  # noqa: BLE001 - Hydra's own parse error is clearer than ours
+        return
+    for o in overrides:
+        if o.is_delete():
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        *parent, leaf = o.key_or_group.split(".")
+        for value in values:
+            check_targets({leaf: value}, ".".join(parent))
+
+
 def instantiate(cfg: Any, key: str, **kwargs: Any) -> Any:
     """hydra.utils.instantiate after check_targets; `key` names the config node in errors."""
     check_targets(cfg, key)

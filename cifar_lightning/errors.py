@@ -37,6 +37,9 @@ def cli(hydra_main: Callable[[], object]) -> None:
     # Make Hydra re-raise instead of printing its own multi-line report, so we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
+        from cifar_lightning.config import check_override_targets
+
+        check_override_targets(sys.argv[1:])
         hydra_main()
     except SystemExit as exc:
         # Lightning turns SIGTERM into SIGTERMException, a SystemExit whose code is None (= status 0).

@@ -3,7 +3,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cifar_lightning.config import CONF_DIR, check_targets, instantiate
+from cifar_lightning.config import CONF_DIR, check_override_targets, check_targets, instantiate
 from cifar_lightning.errors import UserError
 from cifar_lightning.model.schedule import build_scheduler
 from tests.conftest import cfg_for
@@ -50,3 +50,21 @@ def test_foreign_target_is_refused_not_run(tmp_path):
     cfg = cfg_for(tmp_path, tmp_path, "optim._target_=os.system")
     with pytest.raises(UserError, match=r"optim._target_=os.system is not an allowed target"):
         check_targets(cfg)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "+hydra.callbacks.evil._target_=os.system",
+        "hydra.callbacks.sweep_summary._target_=builtins.exec",
+        "+hydra.callbacks.evil={_target_:os.system}",
+        "optim._target_=torch.optim.Adam,os.system",
+    ],
+)
+def test_command_line_target_is_refused_before_hydra_builds_callbacks(override):
+    with pytest.raises(UserError, match=r"_target_=(os.system|builtins.exec) is not an allowed target"):
+        check_override_targets(["-m", "seed=0", override])
+
+
+def test_command_line_check_passes_allowed_targets_and_deletions():
+    check_override_targets(["-m", "optim=rmsprop,adam", "~hydra.callbacks.sweep_summary", "optim._target_=torch.optim.SGD"])
