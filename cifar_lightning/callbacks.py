@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from cifar_lightning.errors import UserError
 from cifar_lightning.report import write_csv
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"]
@@ -84,6 +85,9 @@ class InterruptCheckpoint(L.Callback):
         self.path = Path(path)
 
     def on_exception(self, trainer, pl_module, exception):
-        trainer.save_checkpoint(self.path)
-        print(f"\n{type(exception).__name__}: state saved to {self.path}; "
-              f"continue with resume={self.path.parent / 'last.ckpt'}")
+        if isinstance(exception, UserError):  # a config or data mistake: its error line says what to fix
+            return
+        trainer.save_checkpoint(self.path, weights_only=False)  # the whole state, for inspection
+        last = self.path.parent / "last.ckpt"
+        hint = f"continue with resume={last}" if last.exists() else "no epoch had finished, so there is nothing to resume"
+        print(f"\n{type(exception).__name__}: state saved to {self.path}; {hint}")

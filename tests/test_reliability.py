@@ -137,3 +137,10 @@ def test_ddp_cpu_matches_one_process(tiny_layout, tmp_path):
     assert ddp["per_class"][CLASSES[0]]["support"] == 3  # every test image once, none twice
     assert abs(ddp["test_loss"] - single["test_loss"]) < 0.15
     assert abs(ddp["test_accuracy"] - single["test_accuracy"]) <= 0.2
+
+
+def test_config_mistake_found_in_fit_saves_nothing_and_names_the_key(tiny_layout, tmp_path):
+    # one-cycle over tiny data for one epoch has no warm-up step: found in configure_optimizers
+    with pytest.raises(UserError, match=r"scheduler.pct_start=0.25 leaves no warm-up in 4 steps"):
+        train(cfg_for(tmp_path, tiny_layout, "experiment=best", "trainer.max_epochs=1", *FAST))
+    assert not (tmp_path / "checkpoints" / "interrupted.ckpt").exists()  # nothing to resume or inspect

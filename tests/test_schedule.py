@@ -1,9 +1,11 @@
 """Replay the notebook's val_loss log through the configured plateau schedule and early stopping."""
+import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
 from omegaconf import OmegaConf
 
+from cifar_lightning.errors import UserError
 from cifar_lightning.model.schedule import build_scheduler
 from tests.conftest import cfg_for
 
@@ -39,3 +41,17 @@ def test_keras_counting_reproduces_the_notebook(tmp_path):
 def test_torch_counting_differs(tmp_path):
     cuts, _, _ = replay(cfg_for(tmp_path, tmp_path, "fidelity=torch"))
     assert cuts != [8, 12, 16, 19]
+
+
+def test_one_cycle_too_short_is_a_user_error_not_a_zero_division(tmp_path):
+    cfg = OmegaConf.to_container(cfg_for(tmp_path, tmp_path, "experiment=best").scheduler, resolve=True)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(UserError, match=r"scheduler.pct_start=0.25 leaves no warm-up in 4 steps"):
+        build_scheduler(cfg, opt, lambda: 4)  # tiny data, one epoch: torch would divide by zero
+    sched, interval = build_scheduler(cfg, opt, lambda: 12)
+    lrs = []
+    for _ in range(12):  # the LR each of the 12 steps trains with
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert interval == "step" and max(lrs) == pytest.approx(0.1) and lrs[-1] < 1e-4

@@ -37,6 +37,11 @@ def reduce_on_plateau(optimizer, mode: str = "min", factor: float = 0.1, patienc
 def one_cycle(optimizer, max_lr: float, total_steps: int, pct_start: float = 0.25,
               div_factor: float = 25.0, final_div_factor: float = 1e4, cycle_momentum: bool = False):
     """Warm up to max_lr for pct_start of the steps, then anneal (cosine); stepped every batch."""
+    # torch divides by the warm-up's length, pct_start * total_steps - 1: a run that short
+    # (a tiny dataset, one epoch) would die in the first step with ZeroDivisionError.
+    if not 0 < pct_start < 1 or pct_start * total_steps <= 1:
+        raise UserError(f"scheduler.pct_start={pct_start} leaves no warm-up in {total_steps} steps: one-cycle needs "
+                        f"0 < pct_start < 1 and pct_start x steps > 1 (more epochs or a smaller data.batch_size)")
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
                                                pct_start=pct_start, div_factor=div_factor,
                                                final_div_factor=final_div_factor, cycle_momentum=cycle_momentum)
