@@ -3,8 +3,9 @@ the tool that sets runs beside them.
 
     python -m cifar_lightning.notebook RUN_DIR [RUN_DIR ...] --out docs/reproduction
 
-writes docs/reproduction.png (per-epoch val loss and accuracy against the notebook's log, LR cuts
-marked) and docs/reproduction.md (the table, and test accuracy/F1 as mean ± std over the runs)."""
+writes docs/reproduction.png (the first run's per-epoch loss and accuracy against the notebook's log,
+LR cuts marked), docs/reproduction_<dir>.png for each further run, and docs/reproduction.md (the
+table, and test accuracy/F1 as mean ± std over the runs)."""
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,10 @@ def compare(run_dirs: list[Path], out: Path) -> str:
     reference = [{"epoch": i + 1, "val_loss": v, "lr": 1e-3 * 0.1 ** sum(i + 1 > c for c in LR_CUT_AFTER)}
                  for i, v in enumerate(VAL_LOSS)]
     reference[0]["val_acc"], reference[BEST_EPOCH - 1]["val_acc"] = FIRST_VAL_ACC, BEST_VAL_ACC  # all the log gives
-    fig = plot_history(runs[0][1], reference=reference, reference_name="notebook")
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(fig, out.with_suffix(".png"))
+    for i, (d, history, _) in enumerate(runs):  # the first run is OUT.png, each further one OUT_<its dir>.png
+        png = out.with_suffix(".png") if i == 0 else out.with_name(f"{out.name}_{d.name}.png")
+        save_figure(plot_history(history, reference=reference, reference_name="notebook"), png)
     lines = ["| epoch | notebook val_loss | " + " | ".join(f"{d.name} train_loss / val_loss / val_acc / lr" for d, _, _ in runs) + " |",
              "|---|---|" + "---|" * len(runs)]
     for e in range(max(len(VAL_LOSS), *(len(h) for _, h, _ in runs))):
