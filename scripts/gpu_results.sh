@@ -8,7 +8,7 @@
 # OUT      where logs, bench.json and the sweep directories go (default outputs/gpu_results)
 # PARTS    comma-separated, in this order (default all):
 #            bench   the (a)/(b)/(c) benchmark with fp32, bf16 and torch.compile'd (c)
-#            recipe  the whole default recipe, process start to exit, caches warm
+#            recipe  the whole default recipe, process start to exit (caches warm if bench ran first)
 #            seeds   3-seed multiruns of the reproduction, experiment=next and experiment=best
 # TRAINER=cpu and EXTRA="data.root=... trainer.max_epochs=1" let a CPU machine try the script small.
 set -euo pipefail
