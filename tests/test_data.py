@@ -72,6 +72,23 @@ def test_changed_folder_invalidates_cache(tmp_path):
     assert len(list(root.glob(".cache-valid-*.pt"))) == 1  # the stale cache file is removed
 
 
+def test_resize_rule_rebuilds_the_cache_only_when_an_image_was_resized(tmp_path, monkeypatch):
+    import cifar_lightning.data.cache as cache
+
+    root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"valid": 2})
+    load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")
+    built = []
+    monkeypatch.setattr(cache, "read_rgb", lambda p: built.append(p) or decode(p).permute(1, 2, 0).numpy())
+    load_split(KerasImageFolder(root / "valid"), 32, "pil_bilinear")  # all 32x32: same pixels, no rebuild
+    assert built == []
+    monkeypatch.undo()
+    write_images(root / "valid" / CLASSES[0], 1, 0, size=48)  # one image that must be resized
+    tf = load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")[0]
+    pil = load_split(KerasImageFolder(root / "valid"), 32, "pil_bilinear")[0]
+    assert not torch.equal(tf[0], pil[0]) and torch.equal(tf[1:], pil[1:])  # only the resized image differs
+    assert len(list(root.glob(".cache-valid-*.pt"))) == 1
+
+
 def test_class_mismatch_between_splits_names_classes_and_splits(tmp_path):
     root = make_layout(tmp_path / "d", classes=CLASSES[:3], splits={"train_1": 1, "valid": 1, "test": 1})
     write_images(root / "train_1" / "099_extra", 1, 0)

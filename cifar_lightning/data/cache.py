@@ -11,15 +11,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cifar_lightning.data.folder import KerasImageFolder
+from cifar_lightning.data.folder import KerasImageFolder, fit_size, read_rgb
 from cifar_lightning.errors import UserError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
-def fingerprint(ds: KerasImageFolder, image_size: int, resize: str) -> str:
-    """Paths, sizes, mtimes, class list, image size and resize rule: a changed folder rebuilds."""
-    h = hashlib.sha256(f"v{CACHE_VERSION}|{image_size}|{resize}|{ds.skip_bad_files}|{ds.classes}".encode())
+def fingerprint(ds: KerasImageFolder, image_size: int) -> str:
+    """Paths, sizes, mtimes, class list and image size: a changed folder rebuilds. The resize rule
+    is checked apart (see load_split), as it matters only if some image was not image_size."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{image_size}|{ds.skip_bad_files}|{ds.classes}".encode())
     for path, label in ds.samples:
         st = os.stat(path)
         h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -30,20 +31,25 @@ def load_split(ds: KerasImageFolder, image_size: int, resize: str) -> tuple[torc
     """(images uint8 N x 3 x S x S, labels int64 N, paths) of an ImageFolder split, from the cache
     if its fingerprint matches. Bad files are an error, or skipped with skip_bad_files."""
     root = Path(ds.root)
-    key = fingerprint(ds, image_size, resize)
+    key = fingerprint(ds, image_size)
     path = root.parent / f".cache-{root.name}-{key}.pt"
     if path.exists():
         try:
             data = torch.load(path, weights_only=True)
-            if data["fingerprint"] == key and data["images"].shape[0] == len(data["paths"]):
+            # "resized_with" is None when every image was already image_size: then the fidelity
+            # presets' resize rules give the same pixels and switching them rebuilds nothing.
+            if (data["fingerprint"] == key and data["images"].shape[0] == len(data["paths"])
+                    and data["resized_with"] in (None, resize)):
                 return data["images"], data["labels"], data["paths"]
         except Exception:  # an unreadable cache is rebuilt, never trusted
             pass
     images = torch.empty(len(ds.samples), 3, image_size, image_size, dtype=torch.uint8)
-    bad = []
+    bad, resized = [], False
     for i, (p, _) in enumerate(tqdm(ds.samples, desc=f"caching {root.name}", unit="img", mininterval=1.0)):
         try:
-            images[i] = ds.loader(p)
+            arr = read_rgb(p)
+            resized |= arr.shape[:2] != (image_size, image_size)
+            images[i] = fit_size(arr, image_size, resize)
         except UserError as exc:
             if not ds.skip_bad_files:
                 raise
@@ -57,7 +63,7 @@ def load_split(ds: KerasImageFolder, image_size: int, resize: str) -> tuple[torc
         paths = [p for p, k in zip(paths, keep.tolist()) if k]
         warn_skipped(root, [str(e) for _, e in bad])
     _atomic_save({"fingerprint": key, "images": images, "labels": labels, "paths": paths,
-                  "classes": list(ds.classes)}, path)
+                  "classes": list(ds.classes), "resized_with": resize if resized else None}, path)
     for old in root.parent.glob(f".cache-{root.name}-*.pt"):
         if old != path:
             old.unlink(missing_ok=True)

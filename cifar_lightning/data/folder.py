@@ -31,6 +31,11 @@ def find_classes(directory: str | Path) -> list[str]:
 def decode(path: str | Path, size: int = 32, resize: str = "tf_bilinear") -> torch.Tensor:
     """One image file -> uint8 tensor 3 x size x size, as Keras decodes it: RGB (grey expanded,
     alpha dropped), bilinear resize without antialiasing. Raises UserError naming the file."""
+    return fit_size(read_rgb(path), size, resize)
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """One image file -> uint8 H x W x 3 array at its own size. Raises UserError naming the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -40,11 +45,15 @@ def decode(path: str | Path, size: int = 32, resize: str = "tf_bilinear") -> tor
                     raise UserError(f"{path}: image claims {w}x{h} pixels, over the {MAX_PIXELS:,} limit "
                                     "(a decompression bomb?)")
                 img.load()  # a truncated file raises here: PIL's LOAD_TRUNCATED_IMAGES stays False
-                arr = _to_rgb_uint8(img)
+                return _to_rgb_uint8(img)
     except UserError:
         raise
     except Exception as exc:  # PIL raises many types for unreadable files
         raise UserError(f"{path}: not a readable image ({' '.join(str(exc).split())})") from exc
+
+
+def fit_size(arr: np.ndarray, size: int, resize: str) -> torch.Tensor:
+    """H x W x 3 uint8 -> 3 x size x size uint8; an image already that size is returned as is."""
     x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
     if x.shape[1:] == (size, size):
         return x.contiguous()
