@@ -343,6 +343,13 @@ EPOCH_COLS = [("images/s", "images_per_s", ",.0f"), ("epoch s", "epoch_s", ".2f"
               ("val acc", "val_acc", ".3f"), ("one-off s", "one_off_s", ".1f")]
 
 
+def progress(label: str, r: dict) -> dict:
+    """One line per timed epoch as it ends: a full benchmark runs for many minutes."""
+    print(f"{label}: {r['images_per_s']:,.0f} images/s, epoch {r['epoch_s']:.1f} s "
+          f"({r['train_steps']}/{r['full_train_steps']} steps)", flush=True)
+    return r
+
+
 def with_steps(r: dict) -> dict:
     return {**r, "steps": f"{r['train_steps']}/{r['full_train_steps']}"}
 
@@ -436,10 +443,11 @@ def bench(cfg: DictConfig) -> dict:
                 runners.append(("c", v, f"c  cifar_lightning, {v}",  # one datamodule for all: the cache loads once
                                 lambda p=p, c_cfg=c_cfg: pipeline_c(c_cfg, dm, classes, sizes, n_val_images, p)))
     timed: dict[tuple[str, str], list[dict]] = {}
-    for _ in range(cfg.rounds):
-        for pipeline, variant, _, run in runners:
+    for k in range(cfg.rounds):
+        for pipeline, variant, name, run in runners:
             reset_peaks()
             timed.setdefault((pipeline, variant), []).append({**run(), "memory": memory()})
+            progress(f"round {k + 1}/{cfg.rounds}  {name}", timed[pipeline, variant][-1])
             free(device)
     rows = [{"pipeline": pl, "name": name, "variant": pr, "precision": pr.split("+")[0], **median_run(timed[pl, pr]),
              "memory": max((r["memory"] for r in timed[pl, pr]), key=lambda m: m["peak_rss_MiB"]),
@@ -447,10 +455,10 @@ def bench(cfg: DictConfig) -> dict:
             for pl, pr, name, _ in runners]
     if "a" in cfg.pipelines:  # how the limit scales; the main run stands in for (batch_size, 1.0)
         a = median_run(timed["a", "32-true"])
-        out["scaling_batch_size"] = [{"batch_size": b, **(a if b == bs else plain_epoch(cfg, data, device, b))}
-                                     for b in cfg.batch_sizes]
-        out["scaling_fraction"] = [{"fraction": f, **(a if f == 1 else plain_epoch(cfg, data, device, bs, f))}
-                                   for f in cfg.fractions]
+        out["scaling_batch_size"] = [{"batch_size": b, **(a if b == bs else progress(
+            f"(a) at batch {b}", plain_epoch(cfg, data, device, b)))} for b in cfg.batch_sizes]
+        out["scaling_fraction"] = [{"fraction": f, **(a if f == 1 else progress(
+            f"(a) on {f:g} of the train set", plain_epoch(cfg, data, device, bs, f)))} for f in cfg.fractions]
         del data
     free(device)
 

@@ -134,6 +134,7 @@ def test_bench_runs_every_pipeline_and_writes_json(tiny_layout, tmp_path):
     assert out["ratios"]["c/a"] > 0 and out["ratios"]["c/b"] > 0
     assert all(0 < r["warmup_s"] and r["one_off_s"] < r["warmup_s"] for r in out["results"])
     assert out["cache"]["load_s"] < out["cache"]["build_s"] + 1 and out["scaling_fraction"] and out["scaling_batch_size"]
+    assert "(a) at batch 8:" in res.stdout and "(a) on 0.5 of the train set:" in res.stdout
 
 
 def test_bench_interleaved_rounds_report_median_and_paired_ratios(tiny_layout, tmp_path):
@@ -149,6 +150,9 @@ def test_bench_interleaved_rounds_report_median_and_paired_ratios(tiny_layout, t
     assert out["ratios_per_round"]["c/a"] == pytest.approx(pairs, abs=1e-3)
     assert out["ratios"]["c/a"] == pytest.approx(sorted(pairs)[1], abs=1e-3)
     assert "per round: c/a" in res.stdout
+    # progress: one line per timed epoch as it ends, in interleaved order
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("round ")]
+    assert [ln.split(":")[0].split()[:3] for ln in lines] == [["round", f"{k}/3", p] for k in (1, 2, 3) for p in "ac"]
 
 
 def test_bench_compile_payoff_arithmetic():
