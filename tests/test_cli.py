@@ -39,6 +39,9 @@ def test_train_writes_every_artefact(trained):
         hist = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in hist] == [1, 2]
     assert set(hist[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"}
+    for r in hist:  # a metric that was never logged would be NaN here, and fail
+        assert float(r["train_loss"]) > 0 and float(r["val_loss"]) > 0
+        assert 0 <= float(r["train_acc"]) <= 1 and 0 <= float(r["val_acc"]) <= 1
     with open(run / "predictions.csv") as f:
         preds = list(csv.DictReader(f))
     assert len(preds) == 30 and abs(sum(float(preds[0][c]) for c in CLASSES) - 1) < 1e-4

@@ -77,3 +77,32 @@ def test_accuracy_is_keras_fraction_correct_without_per_step_sync(tmp_path, monk
     monkeypatch.setattr(torch, "unique", lambda *a, **k: pytest.fail("per-step torch.unique"))
     module.val_acc.update(torch.nn.functional.one_hot(pred, 10).float(), y)
     assert module.val_acc.compute().item() == pytest.approx(4 / 6)
+
+
+def test_epoch_metrics_are_per_image_means_logged_once_per_epoch(tmp_path, monkeypatch):
+    import lightning as L
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cifar_lightning.model.module import Classifier
+
+    cfg = cfg_for(tmp_path, tmp_path)
+    container = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    torch.manual_seed(0)
+    module = Classifier(model=container(cfg.model), optim=container(cfg.optim), scheduler=None,
+                        class_names=[str(i) for i in range(10)])
+    x, y = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8), torch.arange(10)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)  # batches of 4, 4 and 2: a batch mean would differ
+    calls, log = [], Classifier.log
+    monkeypatch.setattr(Classifier, "log", lambda self, name, *a, **k: calls.append(name) or log(self, name, *a, **k))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, loader, loader)
+    assert sorted(calls) == ["train/acc", "train/loss", "val/acc", "val/loss"]  # once per epoch, not per step
+    module.eval()
+    with torch.no_grad():
+        logits = module(x)
+    metrics = trainer.callback_metrics
+    assert metrics["val/loss"].item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert metrics["val/acc"].item() == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    assert torch.isfinite(metrics["train/loss"]) and 0 <= metrics["train/acc"].item() <= 1

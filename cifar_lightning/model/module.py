@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_lightning.config import complete, instantiate
@@ -33,6 +34,9 @@ class Classifier(L.LightningModule):
         n = len(class_names)
         # Keras's "accuracy" is the fraction correct: micro averaging (torchmetrics defaults to macro).
         self.train_acc, self.val_acc, self.test_acc = (MulticlassAccuracy(n, average="micro") for _ in range(3))
+        # nan_strategy="disable": no per-step NaN check, which would sync with the GPU; a NaN loss
+        # then shows in the epoch mean, where History stops the run.
+        self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
         self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,15 +56,22 @@ class Classifier(L.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         if stage == "train" and self.l2:  # Keras kernel_regularizer: part of the loss and of the reported loss
             loss = loss + self.l2 * sum(p.pow(2).sum() for p in self.net.parameters() if p.ndim > 1)
-        acc = getattr(self, f"{stage}_acc")
-        acc.update(logits, y)
-        # Epoch means accumulate on the device (no per-step .item() sync); weighted by batch size,
-        # so the epoch loss is the per-image mean, as Keras reports it.
-        # sync_dist: under DDP the epoch value is the mean over all ranks' images (a no-op on one device).
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=y.numel(), prog_bar=stage == "val",
-                 sync_dist=True)
-        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        # Epoch means accumulate on the device, with no per-step .item() sync. The loss counts once per
+        # image, so the epoch loss is the per-image mean, as Keras reports it. (MeanMetric's weight=
+        # would be dropped under nan_strategy="disable": torchmetrics issue 3434.)
+        getattr(self, f"{stage}_loss").update(loss.detach().expand(y.numel()))
+        getattr(self, f"{stage}_acc").update(logits, y)
+        if stage == "train" and self.trainer.is_last_batch:
+            self._log_epoch("train")
         return loss, logits
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log the epoch's metric objects once, not per step: each self.log call costs Lightning about
+        1 ms of Python (bench's overhead probe), as much as a whole training step on a GPU. Lightning
+        computes them at the epoch's end (synced over DDP ranks) and resets them."""
+        for name in ("loss", "acc"):  # on_epoch: the default in training_step is per step
+            self.log(f"{stage}/{name}", getattr(self, f"{stage}_{name}"), on_step=False, on_epoch=True,
+                     prog_bar=stage == "val")
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")[0]
@@ -72,10 +83,17 @@ class Classifier(L.LightningModule):
         _, logits = self._step(batch, "test")
         self.test_outputs.append((logits.float().cpu(), batch[1].cpu()))
 
+    def on_train_epoch_start(self):
+        self.train_loss.reset(), self.train_acc.reset()  # an epoch cut short (max_steps) logged nothing
+
     def on_test_epoch_start(self):
         self.test_outputs = []
 
+    def on_test_epoch_end(self):
+        self._log_epoch("test")
+
     def on_validation_epoch_end(self):
+        self._log_epoch("val")
         # Step the plateau schedule here, not where Lightning would (after the epoch-end hooks, when
         # last.ckpt is already written): then every checkpoint holds the post-step schedule, and a
         # resumed run cuts the learning rate on the same epochs as an uninterrupted one.

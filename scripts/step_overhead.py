@@ -1,0 +1,136 @@
+"""Per-step cost of the training loop around Model S, with the compute made small: what Lightning and
+our module add to each step, which is what bounds c/a on a GPU, where a step's kernels take ~1 ms.
+
+    python scripts/step_overhead.py                       # 8x8 images, batch 2, one CPU thread
+    python scripts/step_overhead.py --profile             # also cProfile's top entries for (c)
+    python scripts/step_overhead.py --size 32 --batch 64 --device cuda   # the real shapes on a GPU
+
+Times, in one run and interleaved over --rounds, ms per training step of:
+  a       a plain PyTorch loop: forward, cross-entropy, backward, optimizer step
+  c       cifar_lightning's Classifier in a Lightning Trainer (metrics updated per step, logged per epoch)
+  c-log   the same with self.log(...) called every step, the common Lightning idiom (our code until
+          2026-11-27)
+Synthetic uint8 data; same network and optimizer (conf defaults) everywhere; no validation."""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import logging
+import pstats
+import statistics
+import time
+import warnings
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from cifar_lightning.config import compose, instantiate
+from cifar_lightning.data.datamodule import TensorImages, _whole_batch
+from cifar_lightning.data.sampler import DirectoryBatchSampler
+from cifar_lightning.model.module import Classifier
+from cifar_lightning.model.net import build_net
+
+
+class PerStepLogging(Classifier):
+    """Logs loss and accuracy from every step, as most Lightning code does."""
+
+    def _step(self, batch, stage):
+        loss, logits = super()._step(batch, stage)
+        self.log(f"{stage}/step_loss", loss, on_step=False, on_epoch=True, batch_size=len(batch[1]))
+        self.log(f"{stage}/step_acc", getattr(self, f"{stage}_acc"), on_step=False, on_epoch=True)
+        return loss, logits
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def plain(model_cfg, optim_cfg, x, y, batches, size, device):
+    net = build_net(model_cfg, size).to(device)
+    opt = instantiate(optim_cfg, "optim")(params=net.parameters())
+
+    def run(bs):
+        for idx in bs:
+            loss = F.cross_entropy(net(x[idx].contiguous(memory_format=torch.channels_last)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    run(batches[:20])  # warm-up: allocator, cuDNN choices
+    t0 = sync(device)
+    run(batches)
+    return (sync(device) - t0) / len(batches) * 1e3
+
+
+class EpochClock(L.Callback):
+    def on_train_epoch_start(self, trainer, module):
+        self.t0 = sync(module.device)
+
+    def on_train_epoch_end(self, trainer, module):
+        self.ms = (sync(module.device) - self.t0) * 1e3
+
+
+def lightning(cls, model_cfg, optim_cfg, x, y, batch, size, device, profiler=None):
+    module = cls(model=model_cfg, optim=optim_cfg, scheduler=None, class_names=[str(i) for i in range(10)],
+                 image_size=size)
+    sizes = [len(y)]
+
+    def fit(limit, callbacks=()):
+        loader = DataLoader(TensorImages(x, y), collate_fn=_whole_batch,
+                            batch_sampler=DirectoryBatchSampler(sizes, batch, "per_directory", 0))
+        L.Trainer(accelerator=device.type, devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, limit_train_batches=limit,
+                  limit_val_batches=0, callbacks=list(callbacks)).fit(module, loader)
+
+    fit(20)  # warm-up
+    clock = EpochClock()
+    (profiler.runcall if profiler else lambda f, *a, **k: f(*a, **k))(fit, None, [clock])
+    return clock.ms / (len(y) // batch)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=8, help="image side in pixels (8: compute negligible)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # per-Trainer banners
+    warnings.filterwarnings("ignore", ".*no `val_dataloader`.*|.*LeafSpec.*")
+    device = torch.device(args.device)
+    cfg = compose(["data.root=unused"])
+    model_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "num_classes": 10}
+    optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
+    n = args.steps * args.batch
+    x = torch.randint(0, 256, (n, 3, args.size, args.size), dtype=torch.uint8, device=device)
+    y = torch.randint(0, 10, (n,), device=device)
+    batches = [torch.tensor(b, device=device) for b in DirectoryBatchSampler([n], args.batch, "per_directory", 0).batches()]
+    times = {"a": [], "c": [], "c-log": []}
+    for _ in range(args.rounds):  # interleaved, so a slow spell on a shared machine hits all three
+        times["a"].append(plain(model_cfg, optim_cfg, x, y, batches, args.size, device))
+        times["c"].append(lightning(Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device))
+        times["c-log"].append(lightning(PerStepLogging, model_cfg, optim_cfg, x, y, args.batch, args.size, device))
+    a = statistics.median(times["a"])
+    print(f"\n{args.size}x{args.size} images, batch {args.batch}, {args.steps} steps, {device}, "
+          f"{torch.get_num_threads()} thread(s); median of {args.rounds} interleaved rounds")
+    print(f"{'loop':6}  {'ms/step':>8}  {'over a':>8}  {'a/x':>5}   per round (ms/step)")
+    for name, ts in times.items():
+        m = statistics.median(ts)
+        print(f"{name:6}  {m:8.3f}  {m - a:+8.3f}  {a / m:5.2f}   " + " ".join(f"{t:.3f}" for t in ts))
+    if args.profile:
+        prof = cProfile.Profile()
+        lightning(Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device, profiler=prof)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
