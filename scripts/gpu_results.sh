@@ -7,7 +7,8 @@
 # ARCHIVE  what data.source accepts (the JPEG archive, cifar-10-python.tar.gz, or `download`)
 # OUT      where logs, bench.json and the sweep directories go (default outputs/gpu_results)
 # PARTS    comma-separated, in this order (default all):
-#            bench   the (a)/(b)/(c) benchmark with fp32, bf16 and torch.compile'd (c)
+#            bench   the (a)/(b)/(c) benchmark with fp32, bf16 and torch.compile'd (c); on a GPU first the
+#                    CUDA tests and scripts/step_overhead.py (per-step cost, where the host waits for the GPU)
 #            recipe  the whole default recipe, process start to exit (caches warm if bench ran first)
 #            seeds   3-seed multiruns of the reproduction, experiment=next and experiment=best
 # TRAINER=cpu and EXTRA="data.root=... trainer.max_epochs=1" let a CPU machine try the script small.
@@ -24,6 +25,10 @@ has() { [[ ",$parts," == *",$1,"* ]]; }
 python -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" | tee "$out/device.txt"
 python -m cifar_lightning.prepare data.source="$archive" "${extra[@]}" hydra.run.dir="$out/prepare"
 
+if has bench && [[ $trainer == gpu ]]; then  # a failure here is logged, and the figures below still run
+  python -m pytest -q tests/test_speed_options.py 2>&1 | tee "$out/gpu_tests.log" || true
+  python scripts/step_overhead.py --size 32 --batch 64 --device cuda --sync-debug 2>&1 | tee "$out/step_overhead.log" || true
+fi
 if has bench; then  # also builds the caches, so the recipe below starts warm
   python -m cifar_lightning.bench trainer="$trainer" compile_c=[false,true] "${extra[@]}" \
     hydra.run.dir="$out/bench" 2>&1 | tee "$out/bench.log"

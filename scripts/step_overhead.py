@@ -4,6 +4,7 @@ our module add to each step, which is what bounds c/a on a GPU, where a step's k
     python scripts/step_overhead.py                       # 8x8 images, batch 2, one CPU thread
     python scripts/step_overhead.py --profile             # also cProfile's top entries for (c)
     python scripts/step_overhead.py --size 32 --batch 64 --device cuda   # the real shapes on a GPU
+    python scripts/step_overhead.py --device cuda --sync-debug   # where (c) makes the host wait for the GPU
 
 Times, in one run and interleaved over --rounds, ms per training step of:
   a       a plain PyTorch loop: forward, cross-entropy, backward, optimizer step
@@ -14,6 +15,7 @@ Synthetic uint8 data; same network and optimizer (conf defaults) everywhere; no 
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import logging
 import pstats
@@ -102,6 +104,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--sync-debug", action="store_true", help="CUDA: list where an epoch of (c) syncs host and GPU")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # per-Trainer banners
@@ -126,6 +129,18 @@ def main():
     for name, ts in times.items():
         m = statistics.median(ts)
         print(f"{name:6}  {m:8.3f}  {m - a:+8.3f}  {a / m:5.2f}   " + " ".join(f"{t:.3f}" for t in ts))
+    if args.sync_debug and device.type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                lightning(Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        sites = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+        print(f"\nhost-GPU syncs in a warm-up + one epoch of (c), {args.steps} steps:", sum(sites.values()))
+        for site, count in sites.most_common(15):
+            print(f"{count:8}  {site}")
     if args.profile:
         prof = cProfile.Profile()
         lightning(Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device, profiler=prof)

@@ -35,7 +35,11 @@ class TensorImages(Dataset):
         return self.images[i], self.labels[i]
 
     def __getitems__(self, indices):
-        idx = torch.as_tensor(indices, device=self.images.device)
+        idx = torch.as_tensor(indices)
+        if self.images.is_cuda:
+            # A plain copy to the GPU waits for every queued kernel (a host-GPU sync per batch), so the
+            # host could not queue step n+1 while the GPU runs step n. Pinned + non_blocking does not wait.
+            idx = idx.pin_memory().to(self.images.device, non_blocking=True)
         return self.images[idx], self.labels[idx]
 
 
