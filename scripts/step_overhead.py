@@ -20,7 +20,6 @@ import cProfile
 import logging
 import pstats
 import statistics
-import time
 import warnings
 
 import lightning as L
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from cifar_lightning.bench import EpochTimer, clock
 from cifar_lightning.config import compose, instantiate
 from cifar_lightning.data.datamodule import TensorImages, _whole_batch
 from cifar_lightning.data.sampler import DirectoryBatchSampler
@@ -46,12 +46,6 @@ class PerStepLogging(Classifier):
         return loss, logits
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 def plain(model_cfg, optim_cfg, x, y, batches, size, device):
     net = build_net(model_cfg, size).to(device)
     opt = instantiate(optim_cfg, "optim")(params=net.parameters())
@@ -64,17 +58,9 @@ def plain(model_cfg, optim_cfg, x, y, batches, size, device):
             opt.step()
 
     run(batches[:20])  # warm-up: allocator, cuDNN choices
-    t0 = sync(device)
+    t0 = clock(device)
     run(batches)
-    return (sync(device) - t0) / len(batches) * 1e3
-
-
-class EpochClock(L.Callback):
-    def on_train_epoch_start(self, trainer, module):
-        self.t0 = sync(module.device)
-
-    def on_train_epoch_end(self, trainer, module):
-        self.ms = (sync(module.device) - self.t0) * 1e3
+    return (clock(device) - t0) / len(batches) * 1e3
 
 
 def lightning(cls, model_cfg, optim_cfg, x, y, batch, size, device, profiler=None):
@@ -90,9 +76,9 @@ def lightning(cls, model_cfg, optim_cfg, x, y, batch, size, device, profiler=Non
                   limit_val_batches=0, callbacks=list(callbacks)).fit(module, loader)
 
     fit(20)  # warm-up
-    clock = EpochClock()
-    (profiler.runcall if profiler else lambda f, *a, **k: f(*a, **k))(fit, None, [clock])
-    return clock.ms / (len(y) // batch)
+    timer = EpochTimer()
+    (profiler.runcall if profiler else lambda f, *a, **k: f(*a, **k))(fit, None, [timer])
+    return (timer.t2 - timer.t0) * 1e3 / (len(y) // batch)  # no validation: t2 ends the training epoch
 
 
 def main():

@@ -85,7 +85,9 @@ class Classifier(L.LightningModule):
         self.test_outputs.append((logits.float().cpu(), batch[1].cpu()))
 
     def on_train_epoch_start(self):
-        self.train_loss.reset(), self.train_acc.reset()  # an epoch cut short (max_steps) logged nothing
+        # An epoch cut short (max_steps) logged nothing, so Lightning did not reset these.
+        self.train_loss.reset()
+        self.train_acc.reset()
 
     def on_test_epoch_start(self):
         self.test_outputs = []
