@@ -1,6 +1,8 @@
-"""The speed options compose with the rest: bf16-mixed precision and torch.compile."""
+"""The speed options compose with the rest: bf16-mixed precision and torch.compile; and the training
+loop keeps off the operations that would make the host wait for a GPU."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cifar_lightning.model.module import Classifier
 from cifar_lightning.train import train
@@ -58,3 +60,62 @@ def test_step_overhead_script_times_the_three_loops():
     assert set(rows) == {"a", "c", "c-log"}
     assert all(float(f[1]) > 0 and len(f) == 6 for f in rows.values())  # median, over a, a/x, 2 rounds
     assert float(rows["a"][2]) == 0 and float(rows["c"][3]) == pytest.approx(float(rows["a"][1]) / float(rows["c"][1]), abs=0.01)
+
+
+# Operations whose result size or value the host must read: on a GPU each one waits for every queued
+# kernel, so the host can't run ahead and queue the next step.
+SYNCING_OPS = {"aten::_local_scalar_dense",  # .item(), float(t), bool(t), `if t:`
+               "aten::nonzero", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
+               "aten::bincount", "aten::masked_select", "aten::repeat_interleave"}
+
+
+class OpRecorder(TorchDispatchMode):
+    """Every aten op run while it is active, and those that would make the host wait for a GPU."""
+
+    def __init__(self, cpu_scalars: set[int]):
+        super().__init__()
+        self.cpu_scalars = cpu_scalars  # data_ptrs of tensors that stay on the CPU in a GPU run too
+        self.seen, self.waits = set(), set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        self.seen.add(name)
+        if name == "aten::_local_scalar_dense" and args[0].data_ptr() in self.cpu_scalars:
+            pass
+        elif name in SYNCING_OPS:
+            self.waits.add(name)
+        elif name == "aten::index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            self.waits.add("aten::index with a bool mask")  # t[mask]: a nonzero inside, on a GPU
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("recipe", ["", "experiment=next", "experiment=best"])
+def test_a_steady_training_and_validation_step_never_waits_for_the_device(tiny_layout, tmp_path, monkeypatch, recipe):
+    """Runs on the CPU, where the recorder sees what CUDA's sync-debug mode would flag: from the start
+    of one batch to the start of the next (the step, the optimizer, every callback with the progress bar
+    refreshed each step, the TensorBoard logger, and fetching the next batch from the cache)."""
+    from cifar_lightning.model.module import Classifier
+
+    windows = {}
+
+    def hook(stage):
+        def on_batch_start(self, batch, batch_idx, *rest):
+            if batch_idx == 1:  # batch 0 pays one-off costs (allocations, optimizer state)
+                # torch's Adam reads its step counter with .item(); that counter is kept on the CPU in a
+                # GPU run (not capturable, not fused), so reading it does not wait for the GPU.
+                steps = {s["step"].data_ptr() for opt in self.trainer.optimizers for s in opt.state.values()
+                         if torch.is_tensor(s.get("step")) and s["step"].ndim == 0}
+                windows[stage] = OpRecorder(steps).__enter__()
+            elif batch_idx == 2:
+                windows[stage].__exit__(None, None, None)
+        return on_batch_start
+
+    monkeypatch.setattr(Classifier, "on_train_batch_start", hook("train"), raising=False)
+    monkeypatch.setattr(Classifier, "on_validation_batch_start", hook("val"), raising=False)
+    # batch 8: 3 training batches per directory and 3 validation batches, so each window is a whole
+    # step; the progress bar and the logger both refresh every step
+    train(cfg_for(tmp_path, tiny_layout, "trainer.max_epochs=1", "data.batch_size=8", "trainer.log_every_n_steps=1",
+                  "callbacks.progress_bar.refresh_rate=1", *([recipe] if recipe else [])))
+    assert "aten::convolution_backward" in windows["train"].seen and "aten::convolution" in windows["val"].seen
+    for stage, rec in windows.items():
+        assert not rec.waits, f"a {stage} step waits for the device at: {sorted(rec.waits)}"
