@@ -26,7 +26,7 @@ python -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_d
 python -m cifar_lightning.prepare data.source="$archive" "${extra[@]}" hydra.run.dir="$out/prepare"
 
 if has bench && [[ $trainer == gpu ]]; then  # a failure here is logged, and the figures below still run
-  python -m pytest -q tests/test_speed_options.py 2>&1 | tee "$out/gpu_tests.log" || true
+  python -m pytest -q tests/test_speed_options.py -k gpu 2>&1 | tee "$out/gpu_tests.log" || true  # the CUDA tests only
   python scripts/step_overhead.py --size 32 --batch 64 --device cuda --sync-debug 2>&1 | tee "$out/step_overhead.log" || true
 fi
 if has bench; then  # also builds the caches, so the recipe below starts warm

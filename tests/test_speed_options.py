@@ -70,30 +70,40 @@ SYNCING_OPS = {"aten::_local_scalar_dense",  # .item(), float(t), bool(t), `if t
 
 
 class OpRecorder(TorchDispatchMode):
-    """Every aten op run while it is active, and those that would make the host wait for a GPU."""
+    """Every aten op run while it is active, and those that would make the host wait for a GPU. In a
+    GPU run it knows which tensors are on the GPU; in a CPU run it counts every tensor as one that
+    would be, except `cpu_scalars`, which stay on the CPU in a GPU run too."""
 
-    def __init__(self, cpu_scalars: set[int]):
+    def __init__(self, gpu_run: bool, cpu_scalars: set[int]):
         super().__init__()
-        self.cpu_scalars = cpu_scalars  # data_ptrs of tensors that stay on the CPU in a GPU run too
+        self.gpu_run, self.cpu_scalars = gpu_run, cpu_scalars  # cpu_scalars: data_ptrs
         self.seen, self.waits = set(), set()
 
+    def on_gpu(self, t: torch.Tensor) -> bool:
+        return t.is_cuda if self.gpu_run else t.data_ptr() not in self.cpu_scalars
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
+        name, kwargs = func._schema.name, kwargs or {}
         self.seen.add(name)
-        if name == "aten::_local_scalar_dense" and args[0].data_ptr() in self.cpu_scalars:
-            pass
-        elif name in SYNCING_OPS:
+        if name in SYNCING_OPS and self.on_gpu(args[0]):
             self.waits.add(name)
-        elif name == "aten::index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
+        elif name == "aten::index" and self.on_gpu(args[0]) and any(
+                i is not None and i.dtype == torch.bool for i in args[1]):
             self.waits.add("aten::index with a bool mask")  # t[mask]: a nonzero inside, on a GPU
-        return func(*args, **(kwargs or {}))
+        elif self.gpu_run and (name == "aten::_to_copy" and args[0].is_cuda and kwargs.get("device") == torch.device("cpu")
+                               or name == "aten::copy_" and args[1].is_cuda and not args[0].is_cuda):
+            self.waits.add(f"{name} from the GPU to the host")
+        return func(*args, **kwargs)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("recipe", ["", "experiment=next", "experiment=best"])
-def test_a_steady_training_and_validation_step_never_waits_for_the_device(tiny_layout, tmp_path, monkeypatch, recipe):
-    """Runs on the CPU, where the recorder sees what CUDA's sync-debug mode would flag: from the start
-    of one batch to the start of the next (the step, the optimizer, every callback with the progress bar
-    refreshed each step, the TensorBoard logger, and fetching the next batch from the cache)."""
+def test_a_steady_training_and_validation_step_never_waits_for_the_device(tiny_layout, tmp_path, monkeypatch, recipe,
+                                                                          device):
+    """From the start of one batch to the start of the next: the step, the optimizer, every callback
+    (the progress bar refreshed each step), the TensorBoard logger, and fetching the next batch from
+    the cache. On the CPU the recorder flags what would wait on a GPU, so CI checks it without one."""
     from cifar_lightning.model.module import Classifier
 
     windows = {}
@@ -105,7 +115,7 @@ def test_a_steady_training_and_validation_step_never_waits_for_the_device(tiny_l
                 # GPU run (not capturable, not fused), so reading it does not wait for the GPU.
                 steps = {s["step"].data_ptr() for opt in self.trainer.optimizers for s in opt.state.values()
                          if torch.is_tensor(s.get("step")) and s["step"].ndim == 0}
-                windows[stage] = OpRecorder(steps).__enter__()
+                windows[stage] = OpRecorder(self.device.type == "cuda", steps).__enter__()
             elif batch_idx == 2:
                 windows[stage].__exit__(None, None, None)
         return on_batch_start
@@ -115,7 +125,7 @@ def test_a_steady_training_and_validation_step_never_waits_for_the_device(tiny_l
     # batch 8: 3 training batches per directory and 3 validation batches, so each window is a whole
     # step; the progress bar and the logger both refresh every step
     train(cfg_for(tmp_path, tiny_layout, "trainer.max_epochs=1", "data.batch_size=8", "trainer.log_every_n_steps=1",
-                  "callbacks.progress_bar.refresh_rate=1", *([recipe] if recipe else [])))
+                  "callbacks.progress_bar.refresh_rate=1", f"trainer={device}", *([recipe] if recipe else [])))
     assert "aten::convolution_backward" in windows["train"].seen and "aten::convolution" in windows["val"].seen
     for stage, rec in windows.items():
         assert not rec.waits, f"a {stage} step waits for the device at: {sorted(rec.waits)}"
