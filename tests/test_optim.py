@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -47,3 +49,22 @@ def test_state_round_trips_through_state_dict():
     opt2 = RMSprop([w])
     opt2.load_state_dict(opt.state_dict())
     assert torch.equal(opt2.state[w]["square_avg"], opt.state[w]["square_avg"])
+
+
+def test_state_saved_with_a_step_counter_resumes_the_same():
+    """Checkpoints written before the per-parameter step counter was dropped still load and continue
+    exactly; the counter is carried along, unread."""
+    g1, g2 = torch.tensor([0.3, -1.0]), torch.tensor([0.2, 0.5])
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = RMSprop([w])
+    w.grad = g1.clone()
+    opt.step()
+    old = copy.deepcopy(opt.state_dict())  # as from a checkpoint file: no tensor shared with `opt`
+    old["state"][0]["step"] = torch.tensor(1.0)  # what the earlier version kept beside square_avg
+    w2 = torch.nn.Parameter(w.detach().clone())
+    resumed = RMSprop([w2])
+    resumed.load_state_dict(old)
+    for p, o in ((w, opt), (w2, resumed)):
+        p.grad = g2.clone()
+        o.step()
+    assert torch.equal(w2, w) and "step" not in opt.state[w]
