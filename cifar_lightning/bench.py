@@ -9,7 +9,8 @@
 
   a  plain PyTorch loop over the cached uint8 tensor (in GPU memory when there is a GPU): the limit
   b  a straightforward Lightning pipeline: ImageFolder + ToTensor + DataLoader(shuffle, workers)
-  c  cifar_lightning's own: Classifier + CifarDataModule + Trainer, at each of `precision` x `compile_c`
+  c  cifar_lightning's own, as train runs it: Classifier + CifarDataModule + Trainer with the configured
+     callbacks (checkpoints, early stopping, progress bar, history) and logger, at each `precision` x `compile_c`
 (a) and (b) train with plain cross-entropy: model.augment/l2/label_smoothing (off by default) apply to
 (c) alone. Every pipeline starts from the same seed and is warmed up for `warmup_steps` (untimed). images/s is
 training images / (train epoch + validation) seconds; "one-off s" is what the warm-up took beyond its steps
@@ -50,7 +51,7 @@ from cifar_lightning.errors import UserError, cli
 from cifar_lightning.model.module import Classifier
 from cifar_lightning.model.net import build_net
 from cifar_lightning.report import write_json
-from cifar_lightning.train import build_datamodule
+from cifar_lightning.train import build_datamodule, build_logger_and_callbacks
 
 
 def _proc_status_MiB(key: str) -> float:
@@ -241,8 +242,12 @@ def lightning_epoch(make_trainer, module: L.LightningModule, n_train: int, n_val
     timer = EpochTimer()
     trainer = make_trainer(callbacks=[timer], limit_train_batches=steps, limit_val_batches=val_steps)
     trainer.fit(module, **fit_kwargs)
-    return with_warmup(result(timer.images, steps, n_train, val_steps, timer.t1 - timer.t0, timer.t2 - timer.t1,
-                              trainer.callback_metrics.get("val/acc")), warmup_s, cfg.warmup_steps)
+    r = result(timer.images, steps, n_train, val_steps, timer.t1 - timer.t0, timer.t2 - timer.t1,
+               trainer.callback_metrics.get("val/acc"))
+    # what ran inside the timed epoch besides the module
+    r.update(callbacks=[type(c).__name__ for c in trainer.callbacks if c is not timer],
+             logger=type(trainer.logger).__name__ if trainer.logger else None)
+    return with_warmup(r, warmup_s, cfg.warmup_steps)
 
 
 class PlainModule(L.LightningModule):
@@ -294,19 +299,29 @@ def pipeline_b(cfg: DictConfig, device: torch.device, num_classes: int) -> dict:
 
 def pipeline_c(cfg: DictConfig, datamodule, classes: list[str], sizes: list[int], n_val_images: int,
                precision: str) -> dict:
+    """What train runs: the Classifier and the datamodule in a Trainer with the configured callbacks
+    (checkpoints, early stopping, progress bar, history...) and logger, all timed. Each fit writes
+    into its own directory, removed afterwards."""
     container = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
     L.seed_everything(cfg.seed, verbose=False)
     model = Classifier(model=model_dict(cfg, len(classes)), optim=container(cfg.optim),
                        scheduler=container(cfg.scheduler), class_names=classes, monitor=cfg.monitor,
                        image_size=cfg.data.image_size)
+    fits = Path(tempfile.mkdtemp(prefix="c-fits-", dir=cfg.run_dir))
 
-    def make_trainer(**kw):
-        return instantiate(cfg.trainer, "trainer", max_epochs=1, logger=False, enable_checkpointing=False,
-                           enable_progress_bar=False, precision=precision, **kw)
+    def make_trainer(callbacks=(), **kw):
+        fit_cfg = copy.deepcopy(cfg)
+        fit_cfg.run_dir = tempfile.mkdtemp(dir=fits)  # the config's ${run_dir}: checkpoints, logs, history
+        logger, configured = build_logger_and_callbacks(fit_cfg, Path(fit_cfg.run_dir))
+        return instantiate(fit_cfg.trainer, "trainer", max_epochs=1, logger=logger, precision=precision,
+                           callbacks=configured + list(callbacks), **kw)
 
     bs = cfg.data.batch_size
     n_train = len(DirectoryBatchSampler(sizes, bs, cfg.fidelity.batching))
-    return lightning_epoch(make_trainer, model, n_train, math.ceil(n_val_images / bs), cfg, datamodule=datamodule)
+    try:
+        return lightning_epoch(make_trainer, model, n_train, math.ceil(n_val_images / bs), cfg, datamodule=datamodule)
+    finally:
+        shutil.rmtree(fits, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- cache

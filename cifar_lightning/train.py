@@ -38,6 +38,15 @@ def build_datamodule(cfg: DictConfig) -> CifarDataModule:
                            batching=cfg.fidelity.batching, resize=cfg.fidelity.resize, seed=cfg.seed)
 
 
+def build_logger_and_callbacks(cfg: DictConfig, run_dir: Path) -> tuple:
+    """The configured logger (or False) and callbacks (the LR monitor only with a logger), then the
+    history file and the RNG state: what train's Trainer gets, and bench's pipeline (c)."""
+    logger = instantiate(cfg.logger, "logger") if cfg.logger.get("_target_") else False
+    callbacks = [instantiate(c, f"callbacks.{k}") for k, c in cfg.callbacks.items()
+                 if c is not None and (logger or k != "lr_monitor")]
+    return logger, callbacks + [History(run_dir / "history.csv"), RandomState()]
+
+
 def resolve_resume(resume: str | None) -> str | None:
     """"last" -> the newest outputs/**/checkpoints/last.ckpt under the launch directory."""
     if not resume:
@@ -79,10 +88,8 @@ def train(cfg: DictConfig) -> dict:
     trainable, stats = count_params(model.net)
     print(summary(model.net))
 
-    history = History(run_dir / "history.csv")
-    logger = instantiate(cfg.logger, "logger") if cfg.logger.get("_target_") else False
-    callbacks = [instantiate(c, f"callbacks.{k}") for k, c in cfg.callbacks.items()
-                 if c is not None and (logger or k != "lr_monitor")] + [history, RandomState()]
+    logger, callbacks = build_logger_and_callbacks(cfg, run_dir)
+    history = next(c for c in callbacks if isinstance(c, History))
     trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger)
 
     t0 = time.perf_counter()

@@ -138,6 +138,11 @@ def test_bench_runs_every_pipeline_and_writes_json(tiny_layout, tmp_path):
     assert all(0 < r["warmup_s"] and r["one_off_s"] < r["warmup_s"] for r in out["results"])
     assert out["cache"]["load_s"] < out["cache"]["build_s"] + 1 and out["scaling_fraction"] and out["scaling_batch_size"]
     assert "(a) at batch 8:" in res.stdout and "(a) on 0.5 of the train set:" in res.stdout
+    # (c) is timed as train runs it: with the configured callbacks and logger; their files are removed
+    c = out["results"][2]
+    assert {"ModelCheckpoint", "EarlyStopping", "TQDMProgressBar", "LearningRateMonitor", "History",
+            "RandomState"} <= set(c["callbacks"]) and c["logger"] == "TensorBoardLogger"
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".hydra", "bench.json", "bench.log"]
 
 
 def test_bench_interleaved_rounds_report_median_and_paired_ratios(tiny_layout, tmp_path):
