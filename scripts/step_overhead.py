@@ -9,18 +9,24 @@ our module add to each step, which is what bounds c/a on a GPU, where a step's k
 Times, in one run and interleaved over --rounds, ms per training step of:
   a       a plain PyTorch loop: forward, cross-entropy, backward, optimizer step
   c       cifar_lightning's Classifier in a Lightning Trainer (metrics updated per step, logged per epoch)
+  c+cb    the same with train's callbacks and logger (checkpoint, early stopping, progress bar, LR
+          monitor, history, TensorBoard), as train and the benchmark's (c) run it
   c-log   the same with self.log(...) called every step, the common Lightning idiom (our code until
           2026-11-27)
-Synthetic uint8 data; same network and optimizer (conf defaults) everywhere; no validation."""
+Synthetic uint8 data; same network and optimizer (conf defaults) everywhere; each fit ends with one
+untimed validation batch."""
 from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import cProfile
 import logging
 import pstats
 import statistics
+import tempfile
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -34,6 +40,7 @@ from cifar_lightning.data.datamodule import TensorImages, _whole_batch
 from cifar_lightning.data.sampler import DirectoryBatchSampler
 from cifar_lightning.model.module import Classifier
 from cifar_lightning.model.net import build_net
+from cifar_lightning.train import build_logger_and_callbacks
 
 
 class PerStepLogging(Classifier):
@@ -63,7 +70,8 @@ def plain(model_cfg, optim_cfg, x, y, batches, size, device):
     return (clock(device) - t0) / len(batches) * 1e3
 
 
-def lightning(cls, model_cfg, optim_cfg, x, y, batch, size, device, profiler=None):
+def lightning(cls, model_cfg, optim_cfg, x, y, batch, size, device, profiler=None, train_cfg=None):
+    """ms per training step of `cls` in a Trainer; with train_cfg, also train's callbacks and logger."""
     module = cls(model=model_cfg, optim=optim_cfg, scheduler=None, class_names=[str(i) for i in range(10)],
                  image_size=size)
     sizes = [len(y)]
@@ -71,14 +79,22 @@ def lightning(cls, model_cfg, optim_cfg, x, y, batch, size, device, profiler=Non
     def fit(limit, callbacks=()):
         loader = DataLoader(TensorImages(x, y), collate_fn=_whole_batch,
                             batch_sampler=DirectoryBatchSampler(sizes, batch, "per_directory", 0))
-        L.Trainer(accelerator=device.type, devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, limit_train_batches=limit,
-                  limit_val_batches=0, callbacks=list(callbacks)).fit(module, loader)
+        options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            if train_cfg is not None:  # checkpoints, logs and history.csv go to tmp
+                run_cfg = copy.deepcopy(train_cfg)
+                run_cfg.run_dir = tmp
+                logger, configured = build_logger_and_callbacks(run_cfg, Path(tmp))
+                options, callbacks = dict(logger=logger), [*configured, *callbacks]
+            # one validation batch, untimed: the checkpoint and early stopping need val/loss
+            L.Trainer(accelerator=device.type, devices=1, max_epochs=1, enable_model_summary=False,
+                      limit_train_batches=limit, limit_val_batches=1, num_sanity_val_steps=0,
+                      callbacks=list(callbacks), **options).fit(module, loader, loader)
 
     fit(20)  # warm-up
     timer = EpochTimer()
     (profiler.runcall if profiler else lambda f, *a, **k: f(*a, **k))(fit, None, [timer])
-    return (timer.t2 - timer.t0) * 1e3 / (len(y) // batch)  # no validation: t2 ends the training epoch
+    return (timer.t1 - timer.t0) * 1e3 / (len(y) // batch)  # t1: the training steps end, validation starts
 
 
 def main():
@@ -103,10 +119,12 @@ def main():
     x = torch.randint(0, 256, (n, 3, args.size, args.size), dtype=torch.uint8, device=device)
     y = torch.randint(0, 10, (n,), device=device)
     batches = [torch.tensor(b, device=device) for b in DirectoryBatchSampler([n], args.batch, "per_directory", 0).batches()]
-    times = {"a": [], "c": [], "c-log": []}
+    times = {"a": [], "c": [], "c+cb": [], "c-log": []}
     for _ in range(args.rounds):  # interleaved, so a slow spell on a shared machine hits all three
         times["a"].append(plain(model_cfg, optim_cfg, x, y, batches, args.size, device))
         times["c"].append(lightning(Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device))
+        times["c+cb"].append(lightning(Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device,
+                                       train_cfg=cfg))
         times["c-log"].append(lightning(PerStepLogging, model_cfg, optim_cfg, x, y, args.batch, args.size, device))
     a = statistics.median(times["a"])
     print(f"\n{args.size}x{args.size} images, batch {args.batch}, {args.steps} steps, {device}, "
