@@ -57,6 +57,15 @@ def test_cached_and_per_file_paths_give_identical_batches(tiny_layout):
     assert cached.classes == CLASSES
 
 
+def test_per_file_batches_are_pinned_only_when_training_on_a_gpu(tiny_layout):
+    from types import SimpleNamespace
+    dm = _datamodule(tiny_layout, cache=False)
+    assert not dm.train_dataloader().pin_memory
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), global_rank=0,
+                                 world_size=1)
+    assert all(getattr(dm, f"{role}_dataloader")().pin_memory for role in ("train", "val", "test"))
+
+
 def test_changed_folder_invalidates_cache(tmp_path):
     root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"valid": 3})
     ds = KerasImageFolder(root / "valid")

@@ -125,8 +125,9 @@ class CifarDataModule(L.LightningDataModule):
         sampler = DirectoryBatchSampler(sizes, self.batch_size, mode, self.seed, rank, world)
         if self.cache:
             return DataLoader(dataset, batch_sampler=sampler, collate_fn=_whole_batch, num_workers=0)
+        # Pinned batches let Lightning's copy to the GPU (non_blocking) run without the host waiting.
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, pin_memory=self._cache_device().type == "cuda")
 
     def train_dataloader(self):
         return self._loader("train", self.batching)
