@@ -312,7 +312,7 @@ def pipeline_c(cfg: DictConfig, datamodule, classes: list[str], sizes: list[int]
     def make_trainer(callbacks=(), **kw):
         fit_cfg = copy.deepcopy(cfg)
         fit_cfg.run_dir = tempfile.mkdtemp(dir=fits)  # the config's ${run_dir}: checkpoints, logs, history
-        logger, configured = build_logger_and_callbacks(fit_cfg, Path(fit_cfg.run_dir))
+        logger, configured = build_logger_and_callbacks(fit_cfg)
         return instantiate(fit_cfg.trainer, "trainer", max_epochs=1, logger=logger, precision=precision,
                            callbacks=configured + list(callbacks), **kw)
 

@@ -38,9 +38,11 @@ def build_datamodule(cfg: DictConfig) -> CifarDataModule:
                            batching=cfg.fidelity.batching, resize=cfg.fidelity.resize, seed=cfg.seed)
 
 
-def build_logger_and_callbacks(cfg: DictConfig, run_dir: Path) -> tuple:
+def build_logger_and_callbacks(cfg: DictConfig) -> tuple:
     """The configured logger (or False) and callbacks (the LR monitor only with a logger), then the
-    history file and the RNG state: what train's Trainer gets, and bench's pipeline (c)."""
+    history file and the RNG state: what train's Trainer gets, and bench's pipeline (c). All of them
+    write into cfg.run_dir."""
+    run_dir = Path(cfg.run_dir)
     logger = instantiate(cfg.logger, "logger") if cfg.logger.get("_target_") else False
     callbacks = [instantiate(c, f"callbacks.{k}") for k, c in cfg.callbacks.items()
                  if c is not None and (logger or k != "lr_monitor")]
@@ -88,7 +90,7 @@ def train(cfg: DictConfig) -> dict:
     trainable, stats = count_params(model.net)
     print(summary(model.net))
 
-    logger, callbacks = build_logger_and_callbacks(cfg, run_dir)
+    logger, callbacks = build_logger_and_callbacks(cfg)
     history = next(c for c in callbacks if isinstance(c, History))
     trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger)
 

@@ -26,7 +26,6 @@ import pstats
 import statistics
 import tempfile
 import warnings
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -84,7 +83,7 @@ def lightning(cls, model_cfg, optim_cfg, x, y, batch, size, device, profiler=Non
             if train_cfg is not None:  # checkpoints, logs and history.csv go to tmp
                 run_cfg = copy.deepcopy(train_cfg)
                 run_cfg.run_dir = tmp
-                logger, configured = build_logger_and_callbacks(run_cfg, Path(tmp))
+                logger, configured = build_logger_and_callbacks(run_cfg)
                 options, callbacks = dict(logger=logger), [*configured, *callbacks]
             # one validation batch, untimed: the checkpoint and early stopping need val/loss
             L.Trainer(accelerator=device.type, devices=1, max_epochs=1, enable_model_summary=False,
@@ -120,7 +119,7 @@ def main():
     y = torch.randint(0, 10, (n,), device=device)
     batches = [torch.tensor(b, device=device) for b in DirectoryBatchSampler([n], args.batch, "per_directory", 0).batches()]
     times = {"a": [], "c": [], "c+cb": [], "c-log": []}
-    for _ in range(args.rounds):  # interleaved, so a slow spell on a shared machine hits all three
+    for _ in range(args.rounds):  # interleaved, so a slow spell on a shared machine hits all four
         times["a"].append(plain(model_cfg, optim_cfg, x, y, batches, args.size, device))
         times["c"].append(lightning(Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device))
         times["c+cb"].append(lightning(Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device,

@@ -93,7 +93,7 @@ class CifarDataModule(L.LightningDataModule):
             return
         folders = {name: self._folder(name) for name in self.split_names}
         self.classes = check_same_classes({n: f.classes for n, f in folders.items()})
-        device = self._cache_device()
+        device = self._batch_device()
         splits = {}
         for name, folder in folders.items():
             if self.cache:
@@ -113,7 +113,8 @@ class CifarDataModule(L.LightningDataModule):
                 dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
             self._data[role] = (dataset, [len(d) for d in parts])
 
-    def _cache_device(self) -> torch.device:
+    def _batch_device(self) -> torch.device:
+        """The GPU the trainer runs on, else the CPU: where cached tensors live and batches go."""
         trainer = getattr(self, "trainer", None)
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         return device if device.type == "cuda" else torch.device("cpu")
@@ -127,7 +128,7 @@ class CifarDataModule(L.LightningDataModule):
             return DataLoader(dataset, batch_sampler=sampler, collate_fn=_whole_batch, num_workers=0)
         # Pinned batches let Lightning's copy to the GPU (non_blocking) run without the host waiting.
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=self._cache_device().type == "cuda")
+                          persistent_workers=self.num_workers > 0, pin_memory=self._batch_device().type == "cuda")
 
     def train_dataloader(self):
         return self._loader("train", self.batching)
