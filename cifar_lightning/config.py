@@ -1,10 +1,12 @@
 """Config helpers: instantiate only project-approved `_target_`s, and compose outside a CLI."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra._internal.utils import _locate
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_lightning.errors import UserError
@@ -20,10 +22,26 @@ ALLOWED_TARGET_PREFIXES = (
     "lightning.pytorch.callbacks.",
     "lightning.pytorch.loggers.",
 )
+# ...and what the name resolves to must be a class or function defined there: a dotted path can
+# reach through an allowed module to anything it imported (`cifar_lightning.data.cache.os.system`).
+ALLOWED_TARGET_MODULES = ("cifar_lightning", "torch.optim", "lightning.pytorch.trainer",
+                          "lightning.pytorch.callbacks", "lightning.pytorch.loggers")
+
+
+def _is_allowed(target: str) -> bool:
+    if not target.startswith(ALLOWED_TARGET_PREFIXES):
+        return False
+    try:
+        obj = _locate(target)  # imports only a module under an allowed prefix
+    except (ImportError, ValueError):  # no such name: instantiate reports it, naming the key
+        return True
+    module = getattr(obj, "__module__", None) or ""
+    return (inspect.isclass(obj) or inspect.isfunction(obj)) and any(
+        module == m or module.startswith(m + ".") for m in ALLOWED_TARGET_MODULES)
 
 
 def check_targets(node: Any, key: str = "") -> None:
-    """Raise UserError naming the key of any `_target_` outside ALLOWED_TARGET_PREFIXES."""
+    """Raise UserError naming the key of any `_target_` that is not allowed (see _is_allowed)."""
     if isinstance(node, DictConfig):
         items = node.items_ex(resolve=False)
     elif isinstance(node, dict):
@@ -34,8 +52,9 @@ def check_targets(node: Any, key: str = "") -> None:
         return
     for k, v in items:
         path = f"{key}.{k}" if key else str(k)
-        if k == "_target_" and v is not None and not str(v).startswith(ALLOWED_TARGET_PREFIXES):
-            raise UserError(f"{path}={v} is not an allowed target (allowed: {', '.join(ALLOWED_TARGET_PREFIXES)})")
+        if k == "_target_" and v is not None and not _is_allowed(str(v)):
+            raise UserError(f"{path}={v} is not an allowed target (allowed: classes and functions of "
+                            f"{', '.join(ALLOWED_TARGET_MODULES)})")
         if k != "_target_":
             check_targets(v, path)
 

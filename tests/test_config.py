@@ -52,6 +52,27 @@ def test_foreign_target_is_refused_not_run(tmp_path):
         check_targets(cfg)
 
 
+@pytest.mark.parametrize("target", [
+    "cifar_lightning.data.cache.os.system",          # an allowed module's import, reached through it
+    "cifar_lightning.data.prepare.shutil.rmtree",
+    "torch.optim.optimizer.torch.load",              # torch.load, outside torch.optim
+    "lightning.pytorch.loggers.tensorboard.os.remove",
+    "torch.load",                                    # outside every allowed prefix
+    "lightning.fabric.utilities.cloud_io._load",
+])
+def test_target_that_resolves_outside_the_allowed_modules_is_refused(target, tmp_path):
+    with pytest.raises(UserError, match=rf"optim._target_={target} is not an allowed target"):
+        instantiate({"_target_": target, "path": str(tmp_path)}, "optim")  # instantiate checks, too
+    assert tmp_path.is_dir()  # shutil.rmtree(path=tmp_path) did not run
+
+
+def test_target_inside_a_list_is_checked():
+    with pytest.raises(UserError, match=r"trainer.plugins.1._target_=os.system is not an allowed target"):
+        check_targets({"trainer": {"plugins": [{"_target_": "torch.optim.SGD"}, {"_target_": "os.system"}]}})
+    with pytest.raises(UserError, match=r"_target_=os.system is not an allowed target"):
+        check_override_targets(["+trainer.plugins=[{_target_:os.system}]"])
+
+
 @pytest.mark.parametrize(
     "override",
     [
