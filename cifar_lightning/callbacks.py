@@ -82,10 +82,15 @@ class InterruptCheckpoint(L.Callback):
     OnExceptionCheckpoint it does not make fit() resume from it implicitly."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path, self._trained = Path(path), False
+
+    def on_train_batch_end(self, *args, **kwargs):
+        self._trained = True
 
     def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, UserError):  # a config or data mistake: its error line says what to fix
+        # A config or data mistake (its error line says what to fix), or a failure before any step
+        # trained: nothing new to keep, and an earlier interrupted.ckpt of a resumed run stays as it was.
+        if isinstance(exception, UserError) or not self._trained:
             return
         trainer.save_checkpoint(self.path, weights_only=False)  # the whole state, for inspection
         last = self.path.parent / "last.ckpt"

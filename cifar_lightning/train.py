@@ -49,26 +49,50 @@ def build_logger_and_callbacks(cfg: DictConfig) -> tuple:
     return logger, callbacks + [History(run_dir / "history.csv"), RandomState()]
 
 
-def resolve_resume(resume: str | None) -> str | None:
-    """"last" -> the newest outputs/**/checkpoints/last.ckpt under the launch directory."""
+def resolve_resume(resume: str | None) -> tuple[str, dict] | tuple[None, None]:
+    """(path, its hyperparameters) of the checkpoint to continue; "last" -> the newest
+    outputs/**/checkpoints/last.ckpt under the launch directory."""
     if not resume:
-        return None
+        return None, None
     if resume == "last":
         found = sorted(Path("outputs").glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
             raise UserError("resume=last: no outputs/**/checkpoints/last.ckpt under the current directory")
         resume = str(found[-1])
         print(f"resuming from {resume}")
-    if not Path(resume).is_file():
+    path = Path(resume)
+    if not path.is_file():
         raise UserError(f"resume={resume}: no such checkpoint file")
-    load_checkpoint(resume)  # refuses, as one error line, a file that weights_only=True can't load
-    return resume
+    # The run continues in the checkpoint's run directory and overwrites files there: make sure it is one.
+    if path.resolve().parent.name != "checkpoints" or not (path.resolve().parent.parent / "history.csv").is_file():
+        raise UserError(f"resume={resume}: not in a run directory (RUN/checkpoints/NAME.ckpt beside RUN/history.csv), "
+                        "where the run would continue and write its files; resume from the run's own checkpoints/")
+    ckpt = load_checkpoint(resume)  # refuses, as one error line, a file that weights_only=True can't load
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not (isinstance(hp, dict) and {"model", "optim", "class_names"} <= hp.keys() and ckpt.get("optimizer_states")):
+        raise UserError(f"resume={resume}: not a cifar_lightning training checkpoint (no hyperparameters or "
+                        "optimizer state, as checkpoints/last.ckpt has)")
+    return resume, hp
+
+
+def check_resume_matches(resume: str, hp: dict, class_names: list[str], model_cfg: dict, optim_cfg: dict) -> None:
+    """The data and network must be the checkpoint's, or its weights don't fit (found before fit starts)."""
+    if [str(c) for c in hp["class_names"]] != class_names:
+        raise UserError(f"resume={resume}: its classes {list(hp['class_names'])} differ from the class folders "
+                        f"in data.root: {class_names}")
+    mine = {**{f"model.{k}": model_cfg.get(k) for k in ("name", "widths", "hidden", "num_classes")},
+            "optim._target_": optim_cfg.get("_target_")}
+    theirs = {**{f"model.{k}": hp["model"].get(k) for k in ("name", "widths", "hidden", "num_classes")},
+              "optim._target_": hp["optim"].get("_target_")}
+    for key, value in mine.items():
+        if value != theirs[key]:
+            raise UserError(f"resume={resume}: {key}={value}, but the checkpoint was trained with {theirs[key]}")
 
 
 def train(cfg: DictConfig) -> dict:
     """Fit, test the best checkpoint, write the artefacts; return metrics.json's content."""
     check_targets(cfg)
-    resume = resolve_resume(cfg.resume)
+    resume, resume_hp = resolve_resume(cfg.resume)
     if resume:  # continue in the interrupted run's directory, where its best checkpoint and history are
         cfg.run_dir = str(Path(resume).resolve().parent.parent)
         print(f"continuing the run in {cfg.run_dir}")
@@ -85,6 +109,8 @@ def train(cfg: DictConfig) -> dict:
     if model_cfg["num_classes"] != len(class_names):  # the data decides how many outputs
         print(f"model.num_classes={model_cfg['num_classes']} -> {len(class_names)}, the class folders in {cfg.data.root}")
         model_cfg["num_classes"] = len(class_names)
+    if resume:
+        check_resume_matches(resume, resume_hp, class_names, model_cfg, container(cfg.optim))
     model = Classifier(model=model_cfg, optim=container(cfg.optim), scheduler=container(cfg.scheduler),
                        class_names=class_names, monitor=cfg.monitor, image_size=cfg.data.image_size)
     trainable, stats = count_params(model.net)

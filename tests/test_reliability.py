@@ -45,6 +45,30 @@ def test_resume_parity(tiny_layout, tmp_path):
         assert whole[key] == resumed[key], key
 
 
+def test_resume_refuses_what_it_cannot_continue_before_writing_anything(tiny_layout, tmp_path):
+    """resume= continues in the checkpoint's run directory and overwrites files there, so a checkpoint
+    copied elsewhere, a foreign file, other classes or another network are refused up front."""
+    run = tmp_path / "run"
+    train(cfg_for(run, tiny_layout, "trainer.max_epochs=1", "test=false", *FAST))
+    last = run / "checkpoints" / "last.ckpt"
+    (tmp_path / "backup").mkdir()
+    (tmp_path / "backup" / "x.ckpt").write_bytes(last.read_bytes())
+    torch.save({"weight": torch.zeros(2)}, run / "checkpoints" / "plain.ckpt")
+    three_classes = make_layout(tmp_path / "three", classes=CLASSES[:3])
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    cases = [
+        (tmp_path / "backup" / "x.ckpt", tiny_layout, [], r"x.ckpt: not in a run directory"),
+        (run / "checkpoints" / "plain.ckpt", tiny_layout, [], r"plain.ckpt: not a cifar_lightning training checkpoint"),
+        (last, three_classes, [], r"last.ckpt: its classes \[.*\] differ from the class folders"),
+        (last, tiny_layout, ["model.hidden=128"], r"model.hidden=128, but the checkpoint was trained with 256"),
+        (last, tiny_layout, ["optim=adam"], r"optim._target_=torch.optim.Adam, but the checkpoint was trained with"),
+    ]
+    for ckpt, data, extra, message in cases:
+        with pytest.raises(UserError, match=message):
+            train(cfg_for(tmp_path / "new", data, f"resume={ckpt}", *extra, *FAST))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no interrupted.ckpt, nothing beside backup/
+
+
 def test_sigterm_leaves_loadable_checkpoints_and_exits_nonzero(tiny_layout, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "cifar_lightning.train", f"data.root={tiny_layout}", "trainer.max_epochs=500",
@@ -71,9 +95,12 @@ def test_divergence_stops_with_a_clear_message(tiny_layout, tmp_path):
 def test_hostile_checkpoint_for_resume_is_refused(tiny_layout, tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED_MARKER", str(marker))
-    torch.save({"state_dict": {}, "x": _RunsCode()}, tmp_path / "evil.ckpt")
+    evil = tmp_path / "old" / "checkpoints" / "evil.ckpt"  # in a run directory, so it gets as far as loading
+    evil.parent.mkdir(parents=True)
+    (tmp_path / "old" / "history.csv").write_text("epoch\n")
+    torch.save({"state_dict": {}, "x": _RunsCode()}, evil)
     with pytest.raises(UserError, match=r"evil.ckpt: refused"):
-        train(cfg_for(tmp_path / "run", tiny_layout, f"resume={tmp_path / 'evil.ckpt'}", *FAST))
+        train(cfg_for(tmp_path / "run", tiny_layout, f"resume={evil}", *FAST))
     assert not marker.exists()
 
 
@@ -144,3 +171,16 @@ def test_config_mistake_found_in_fit_saves_nothing_and_names_the_key(tiny_layout
     with pytest.raises(UserError, match=r"scheduler.pct_start=0.25 leaves no warm-up in 4 steps"):
         train(cfg_for(tmp_path, tiny_layout, "experiment=best", "trainer.max_epochs=1", *FAST))
     assert not (tmp_path / "checkpoints" / "interrupted.ckpt").exists()  # nothing to resume or inspect
+
+
+def test_a_crash_before_any_training_step_keeps_the_old_interrupted_checkpoint(tmp_path):
+    from cifar_lightning.callbacks import InterruptCheckpoint
+
+    saved = []
+    trainer = type("Trainer", (), {"save_checkpoint": lambda self, path, **kw: saved.append(path)})()
+    callback = InterruptCheckpoint(tmp_path / "interrupted.ckpt")
+    callback.on_exception(trainer, None, RuntimeError("size mismatch"))  # e.g. in setup or loading
+    assert saved == []
+    callback.on_train_batch_end(trainer, None, None, None, 0)
+    callback.on_exception(trainer, None, KeyboardInterrupt())
+    assert saved == [tmp_path / "interrupted.ckpt"]
