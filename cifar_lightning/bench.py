@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import ConcatDataset, DataLoader
 from torchvision import datasets, transforms
 
-from cifar_lightning.config import check_targets, instantiate
+from cifar_lightning.config import check_targets, check_values, instantiate
 from cifar_lightning.data.cache import load_split
 from cifar_lightning.data.folder import KerasImageFolder
 from cifar_lightning.data.sampler import DirectoryBatchSampler
@@ -385,6 +385,7 @@ def machine(device: torch.device) -> dict:
 # ---------------------------------------------------------------- main
 def bench(cfg: DictConfig) -> dict:
     check_targets(cfg)
+    check_values(cfg)
     unknown = set(cfg.pipelines) - {"a", "b", "c"}
     if unknown:
         raise UserError(f"pipelines: {sorted(unknown)} unknown (choose from a, b, c)")

@@ -59,6 +59,43 @@ def check_targets(node: Any, key: str = "") -> None:
             check_targets(v, path)
 
 
+# Values a run reads as numbers or names, checked before anything starts, so `data.batch_size=abc`
+# is one error line naming the key instead of a traceback from deep in Lightning or the sampler.
+INTEGERS_AT_LEAST = {"seed": 0, "data.batch_size": 1, "data.image_size": 1, "data.num_workers": 0,
+                     "trainer.max_epochs": -1, "trainer.log_every_n_steps": 1, "scheduler.patience": 0,
+                     "callbacks.early_stopping.patience": 0}
+CHOICES = {"model.init": ("glorot", "torch"), "scheduler.counting": ("keras", "torch"),
+           "fidelity.batching": ("per_directory", "random"), "fidelity.resize": ("tf_bilinear", "pil_bilinear")}
+TEXT_KEYS = {"_target_", "mode", "counting", "interval"}  # the only optim/scheduler keys that hold text
+
+
+def _typed_key(cfg: DictConfig, key: str) -> str:
+    """The key the user typed: `fidelity.init` for model.init: ${fidelity.init}."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    if not (OmegaConf.is_dict(node) and OmegaConf.is_interpolation(node, leaf)):
+        return key
+    value = OmegaConf.to_container(node, resolve=False)[leaf]
+    return value[2:-1] if value.startswith("${") and value.endswith("}") else key
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Raise UserError naming the key of a value of the wrong kind."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    for key, low in INTEGERS_AT_LEAST.items():
+        v = OmegaConf.select(cfg, key, default=None)
+        if v is not None and not (is_int(v) and v >= low):
+            raise UserError(f"{_typed_key(cfg, key)}={v}: must be a whole number >= {low}")
+    for key, options in CHOICES.items():
+        v = OmegaConf.select(cfg, key, default=None)
+        if v is not None and v not in options:
+            raise UserError(f"{_typed_key(cfg, key)}={v} is not one of: {', '.join(options)}")
+    for group in ("optim", "scheduler"):
+        for k, v in (OmegaConf.select(cfg, group, default=None) or {}).items():
+            if isinstance(v, str) and k not in TEXT_KEYS:
+                raise UserError(f"{_typed_key(cfg, f'{group}.{k}')}={v}: must be a number")
+
+
 def check_override_targets(argv: list[str]) -> None:
     """check_targets on the command line's overrides. Hydra builds `hydra.callbacks` (and launchers)
     before any of our code sees the config, so `+hydra.callbacks.x._target_=os.system` must be

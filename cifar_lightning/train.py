@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_lightning.callbacks import History, RandomState
-from cifar_lightning.config import check_targets, instantiate
+from cifar_lightning.config import check_targets, check_values, instantiate
 from cifar_lightning.data.datamodule import CifarDataModule
 from cifar_lightning.data.folder import find_classes
 from cifar_lightning.errors import UserError, cli
@@ -92,6 +92,7 @@ def check_resume_matches(resume: str, hp: dict, class_names: list[str], model_cf
 def train(cfg: DictConfig) -> dict:
     """Fit, test the best checkpoint, write the artefacts; return metrics.json's content."""
     check_targets(cfg)
+    check_values(cfg)
     resume, resume_hp = resolve_resume(cfg.resume)
     if resume:  # continue in the interrupted run's directory, where its best checkpoint and history are
         cfg.run_dir = str(Path(resume).resolve().parent.parent)

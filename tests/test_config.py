@@ -1,9 +1,11 @@
 """Every option of every config group composes and instantiates; the defaults are the notebook's."""
+import re
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cifar_lightning.config import CONF_DIR, check_override_targets, check_targets, instantiate
+from cifar_lightning.config import CONF_DIR, check_override_targets, check_targets, check_values, instantiate
 from cifar_lightning.errors import UserError
 from cifar_lightning.model.schedule import build_scheduler
 from tests.conftest import cfg_for
@@ -89,3 +91,25 @@ def test_command_line_target_is_refused_before_hydra_builds_callbacks(override):
 
 def test_command_line_check_passes_allowed_targets_and_deletions():
     check_override_targets(["-m", "optim=rmsprop,adam", "~hydra.callbacks.sweep_summary", "optim._target_=torch.optim.SGD"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.batch_size=abc", "data.batch_size=abc: must be a whole number >= 1"),
+    ("data.batch_size=0", "data.batch_size=0: must be a whole number >= 1"),
+    ("trainer.max_epochs=abc", "trainer.max_epochs=abc: must be a whole number >= -1"),
+    ("fidelity.init=bogus", "fidelity.init=bogus is not one of: glorot, torch"),  # the key typed, not model.init
+    ("optim.eps=abc", "optim.eps=abc: must be a number"),
+    ("fidelity.rmsprop_eps=abc", "fidelity.rmsprop_eps=abc: must be a number"),
+    ("scheduler.factor=x", "scheduler.factor=x: must be a number"),
+])
+def test_a_value_of_the_wrong_kind_is_named_before_anything_runs(override, message, tmp_path):
+    from cifar_lightning.train import train
+
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        train(cfg_for(tmp_path / "run", tmp_path / "no_data", override))  # before the data is even looked at
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("group,option", OPTIONS)
+def test_every_option_passes_the_value_check(group, option, tmp_path):
+    check_values(cfg_for(tmp_path, tmp_path, f"{group}={option}"))
