@@ -119,3 +119,22 @@ def test_concurrent_prepares_both_succeed(tmp_path):
     with mp.get_context("spawn").Pool(2) as pool:
         assert pool.map(_prepare, [(root, str(src))] * 2) == [str(root)] * 2
     _check_split_rule(root, per_class=20)
+
+
+def test_archive_escaping_its_folder_or_damaged_is_one_error(tmp_path):
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        info = tarfile.TarInfo("../../escaped.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    with pytest.raises(UserError, match=r"evil.tar.gz: refused: .*escaped.txt"):
+        ensure_layout(tmp_path / "a" / "b" / "layout", str(evil), SPLITS)
+    assert not list(tmp_path.rglob("escaped.txt"))
+    src = make_image_folders(tmp_path / "src")
+    torn = tmp_path / "torn.tar.gz"
+    with tarfile.open(torn, "w:gz") as tar:
+        tar.add(src, arcname="src")
+    torn.write_bytes(torn.read_bytes()[:2000])  # as a download cut short
+    with pytest.raises(UserError, match=r"torn.tar.gz: a damaged archive"):
+        ensure_layout(tmp_path / "layout2", str(torn), SPLITS)
+    assert not (tmp_path / "layout2").exists()

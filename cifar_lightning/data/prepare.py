@@ -18,6 +18,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -83,11 +84,16 @@ def build(source: str, out: Path, work: Path) -> None:
         return from_image_folders(path, out)
     if not tarfile.is_tarfile(path):
         raise UserError(f"data.source={source}: not a .tar.gz archive or a directory")
-    with tarfile.open(path) as tar:
-        names = tar.getnames()
-        if any(n.startswith("cifar-10-batches-py") for n in names):
-            verify_official_archive(path)  # before anything is extracted or unpickled
-        tar.extractall(work / "src", filter="data")  # "data" refuses absolute paths, .. and devices
+    try:
+        with tarfile.open(path) as tar:
+            names = tar.getnames()
+            if any(n.startswith("cifar-10-batches-py") for n in names):
+                verify_official_archive(path)  # before anything is extracted or unpickled
+            tar.extractall(work / "src", filter="data")  # "data" refuses absolute paths, .. and devices
+    except tarfile.FilterError as exc:  # the member is named; nothing outside work/ was written
+        raise UserError(f"data.source={source}: refused: {exc}") from exc
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise UserError(f"data.source={source}: a damaged archive ({type(exc).__name__}: {exc})") from exc
     if (work / "src" / "cifar-10-batches-py").is_dir():
         return from_official(work / "src", out)
     return from_image_folders(work / "src", out)
