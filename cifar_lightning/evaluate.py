@@ -55,7 +55,8 @@ def evaluate(cfg: DictConfig) -> dict:
     folder = KerasImageFolder(cfg.eval_dir, size, cfg.fidelity.resize)
     index, rule = match_classes(folder.classes, class_names)
     print(f"classes matched: {rule}")
-    images = torch.stack([folder.loader(p) for p, _ in tqdm(folder.samples, desc="decoding", unit="img")])
+    with tqdm(folder.samples, desc="decoding", unit="img") as samples:  # closed before an error line
+        images = torch.stack([folder.loader(p) for p, _ in samples])
     labels = torch.tensor([index[t] for t in folder.targets])
     logits = predict_logits(net, images, cfg.batch_size, pick_device(cfg.device))
     run_dir = Path(cfg.run_dir)

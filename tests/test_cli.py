@@ -88,6 +88,18 @@ def test_evaluate_another_folder_matches_classes_by_name(trained, tmp_path):
     assert (tmp_path / "eval" / "roc_curves.png").read_bytes()[:8] == PNG
 
 
+def test_evaluate_unreadable_image_error_is_its_own_last_line(trained, tmp_path):
+    run, _ = trained
+    eval_dir = make_layout(tmp_path / "d", splits={"x": 2}) / "x"
+    bad = eval_dir / CLASSES[4] / "zz.jpg"  # decoded after the other classes' files: the bar is mid-way
+    bad.write_text("not an image")
+    res = run_cli("cifar_lightning.evaluate", f"ckpt_path={run}/checkpoints/best.ckpt", f"eval_dir={eval_dir}",
+                  f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {bad}: not a readable image"), res.stderr[-1000:]
+
+
 def test_evaluate_mismatched_classes_lists_the_difference(trained, tmp_path):
     run, _ = trained
     bad = make_layout(tmp_path / "bad", classes=CLASSES[:9] + ["009_tractor"], splits={"x": 1}) / "x"

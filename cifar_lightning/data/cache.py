@@ -45,15 +45,17 @@ def load_split(ds: KerasImageFolder, image_size: int, resize: str) -> tuple[torc
             pass
     images = torch.empty(len(ds.samples), 3, image_size, image_size, dtype=torch.uint8)
     bad, resized = [], False
-    for i, (p, _) in enumerate(tqdm(ds.samples, desc=f"caching {root.name}", unit="img", mininterval=1.0)):
-        try:
-            arr = read_rgb(p)
-            resized |= arr.shape[:2] != (image_size, image_size)
-            images[i] = fit_size(arr, image_size, resize)
-        except UserError as exc:
-            if not ds.skip_bad_files:
-                raise
-            bad.append((i, exc))
+    # `with`: the bar is closed (its line ended) before an error line is printed
+    with tqdm(ds.samples, desc=f"caching {root.name}", unit="img", mininterval=1.0) as samples:
+        for i, (p, _) in enumerate(samples):
+            try:
+                arr = read_rgb(p)
+                resized |= arr.shape[:2] != (image_size, image_size)
+                images[i] = fit_size(arr, image_size, resize)
+            except UserError as exc:
+                if not ds.skip_bad_files:
+                    raise
+                bad.append((i, exc))
     labels = torch.tensor(ds.targets, dtype=torch.int64)
     paths = [p for p, _ in ds.samples]
     if bad:

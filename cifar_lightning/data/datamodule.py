@@ -143,13 +143,14 @@ def check_images(folder: KerasImageFolder) -> KerasImageFolder:
     """Per-file path: decode each file once at setup, so a bad file is found now and not halfway
     through epoch 7. It is an error, or with skip_bad_files dropped with a warning."""
     bad = []
-    for path, _ in tqdm(folder.samples, desc=f"checking {Path(folder.root).name}", unit="img", mininterval=1.0):
-        try:
-            folder.loader(path)
-        except UserError as exc:
-            if not folder.skip_bad_files:
-                raise
-            bad.append((path, str(exc)))
+    with tqdm(folder.samples, desc=f"checking {Path(folder.root).name}", unit="img", mininterval=1.0) as samples:
+        for path, _ in samples:  # the bar is closed before an error line
+            try:
+                folder.loader(path)
+            except UserError as exc:
+                if not folder.skip_bad_files:
+                    raise
+                bad.append((path, str(exc)))
     if bad:
         paths = {p for p, _ in bad}
         folder.samples = [s for s in folder.samples if s[0] not in paths]
