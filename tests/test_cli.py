@@ -139,6 +139,17 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("content,message", [
+    (b"hello, not a checkpoint\n", r"x.ckpt: not a checkpoint \(KeyError: 101\)$"),
+    (b"x\n", r"x.ckpt: not a checkpoint \(Unsupported operand 120\)$"),  # torch's reason, not its advice
+    (b"", r"x.ckpt: not a checkpoint \(EOFError\)$"),
+])
+def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, content, message):
+    (tmp_path / "x.ckpt").write_bytes(content)
+    with pytest.raises(UserError, match=message):  # not "refused ... could run code"
+        load_net(tmp_path / "x.ckpt")
+
+
 def test_bench_runs_every_pipeline_and_writes_json(tiny_layout, tmp_path):
     res = run_cli("cifar_lightning.bench", f"data.root={tiny_layout}", "trainer=cpu", "max_steps=2", "warmup_steps=1",
                   "batch_sizes=[8]", "fractions=[0.5]", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)

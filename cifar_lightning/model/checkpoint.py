@@ -19,13 +19,22 @@ def load_checkpoint(path: str | Path) -> dict:
         # Never retried with weights_only=False: a checkpoint that needs it could run code.
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's message suggests weights_only=False; we only quote the reason (e.g. the global it names)
-        reason = next((ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln), "")
-        reason = reason.split(". Please")[0]  # not its advice to allowlist what it found
-        raise UserError(f"{path}: refused: it holds objects other than tensors and plain data, which could run "
-                        f"code when loaded ({reason or type(exc).__name__})") from exc
+        reason = _unpickler_reason(str(exc))
+        if "global" in reason.lower():  # it names a class or function to import: code, not data
+            raise UserError(f"{path}: refused: it holds objects other than tensors and plain data, which could run "
+                            f"code when loaded ({reason})") from exc
+        raise UserError(f"{path}: not a checkpoint ({reason or 'unreadable pickle'})") from exc
     except Exception as exc:
-        raise UserError(f"{path}: not a readable checkpoint ({' '.join(str(exc).split())[:200]})") from exc
+        text = " ".join(str(exc).split())[:200]
+        raise UserError(f"{path}: not a checkpoint ({type(exc).__name__}{': ' + text if text else ''})") from exc
+
+
+def _unpickler_reason(message: str) -> str:
+    """torch's own reason, without its advice to retry with weights_only=False or to allowlist globals."""
+    text = " ".join(message.split()).split("WeightsUnpickler error:")[-1]  # the reason follows this, if present
+    for advice in ("Please use", "Please file an issue", "Check the documentation"):
+        text = text.split(advice)[0]
+    return text.split("trusted source.")[-1].strip()[:200]  # after "Weights only load failed ... trusted source."
 
 
 def load_net(path: str | Path) -> tuple[ModelS, list[str], dict]:
