@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from cifar_lightning.errors import UserError
 from cifar_lightning.report import write_csv
@@ -26,7 +27,8 @@ class History(L.Callback):
 
     def _report_cut(self, trainer, epoch: int) -> None:
         lr = self._current_lr(trainer)
-        if self._lr is not None and lr < self._lr:
+        plateau = any(isinstance(c.scheduler, ReduceLROnPlateau) for c in trainer.lr_scheduler_configs)
+        if plateau and self._lr is not None and lr < self._lr:  # not one-cycle's every-step changes
             print(f"\nEpoch {epoch}: ReduceLROnPlateau reducing learning rate to {lr:.4g}.")
         self._lr = lr
 

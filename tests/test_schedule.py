@@ -55,3 +55,24 @@ def test_one_cycle_too_short_is_a_user_error_not_a_zero_division(tmp_path):
         opt.step()
         sched.step()
     assert interval == "step" and max(lrs) == pytest.approx(0.1) and lrs[-1] < 1e-4
+
+
+@pytest.mark.parametrize("scheduler,printed", [("plateau", True), ("onecycle", False)])
+def test_a_cut_is_announced_as_keras_did_only_for_the_plateau_schedule(scheduler, printed, tmp_path, capsys):
+    # One-cycle lowers the learning rate every step of its second half: that is not a plateau cut.
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.types import LRSchedulerConfig
+
+    from cifar_lightning.callbacks import History
+
+    cfg = cfg_for(tmp_path, tmp_path, f"scheduler={scheduler}")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    sched, _ = build_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True), opt, lambda: 100)
+    trainer = SimpleNamespace(optimizers=[opt], lr_scheduler_configs=[LRSchedulerConfig(sched)], current_epoch=0)
+    history = History(tmp_path / "history.csv")
+    history.on_train_epoch_start(trainer, None)
+    opt.param_groups[0]["lr"] /= 10
+    trainer.current_epoch = 1
+    history.on_train_epoch_start(trainer, None)
+    assert ("ReduceLROnPlateau reducing learning rate" in capsys.readouterr().out) is printed
