@@ -69,8 +69,11 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_nam
     kw = dict(num_classes=n)
     per = {k: fn(probs, labels, average="none", **kw) for k, fn in
            (("precision", multiclass_precision), ("recall", multiclass_recall), ("f1", multiclass_f1_score))}
-    auroc = multiclass_auroc(probs, labels, average="none", **kw)
     support = torch.bincount(labels, minlength=n)
+    # One-vs-rest AUROC is undefined for a class with no positives or no negatives (torchmetrics
+    # reports 0 there): NaN, and the macro mean is over the classes where it is defined.
+    defined = (support > 0) & (support < len(labels))
+    auroc = multiclass_auroc(probs, labels, average="none", **kw).where(defined, torch.nan)
     out = {
         "test_accuracy": multiclass_accuracy(probs, labels, average="micro", **kw).item(),  # Keras's accuracy
         "test_loss": F.cross_entropy(logits.float(), labels).item(),
@@ -80,7 +83,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_nam
         "precision_weighted": multiclass_precision(probs, labels, average="weighted", **kw).item(),
         "recall_weighted": multiclass_recall(probs, labels, average="weighted", **kw).item(),
         "f1_weighted": multiclass_f1_score(probs, labels, average="weighted", **kw).item(),
-        "auroc_macro": multiclass_auroc(probs, labels, average="macro", **kw).item(),
+        "auroc_macro": auroc[defined].mean().item() if defined.any() else math.nan,
         "per_class": {c: {"precision": per["precision"][i].item(), "recall": per["recall"][i].item(),
                           "f1": per["f1"][i].item(), "auroc": auroc[i].item(), "support": int(support[i])}
                       for i, c in enumerate(class_names)},

@@ -48,6 +48,18 @@ def test_metrics_match_numpy():
         assert m["per_class"][c]["f1"] == pytest.approx(ref["f1"][i], abs=1e-6)
 
 
+def test_auroc_of_a_class_missing_from_the_test_set_is_undefined_not_zero():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(40, 3)).astype(np.float32)
+    y = rng.integers(0, 2, 40)  # class 2 never occurs: it has no positives
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # the reference divides by class 2's zero count too
+        ref = _numpy_metrics(probs, y, 3)
+    m = classification_metrics(torch.from_numpy(logits), torch.from_numpy(y), CLASSES)
+    assert np.isnan(m["per_class"][CLASSES[2]]["auroc"])
+    assert m["per_class"][CLASSES[0]]["auroc"] == pytest.approx(ref["auc"][0], abs=1e-5)
+    assert m["auroc_macro"] == pytest.approx(ref["auc"][:2].mean(), abs=1e-5)  # over the defined classes
+
 def test_figures_are_valid_pngs(tmp_path):
     logits, y = torch.randn(40, 3), torch.arange(40) % 3
     rows = [{"epoch": e, "train_loss": 2 / e, "val_loss": 2.2 / e + (e > 3) * 0.1, "train_acc": e / 10,
