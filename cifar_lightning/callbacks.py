@@ -1,6 +1,7 @@
 """Lightning callbacks of our own: the per-epoch history file and Keras-style console lines."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from cifar_lightning.errors import UserError
 from cifar_lightning.report import write_csv
 
+log = logging.getLogger(__name__)
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"]
 
 
@@ -29,7 +31,7 @@ class History(L.Callback):
         lr = self._current_lr(trainer)
         plateau = any(isinstance(c.scheduler, ReduceLROnPlateau) for c in trainer.lr_scheduler_configs)
         if plateau and self._lr is not None and lr < self._lr:  # not one-cycle's every-step changes
-            print(f"\nEpoch {epoch}: ReduceLROnPlateau reducing learning rate to {lr:.4g}.")
+            log.info(f"Epoch {epoch}: ReduceLROnPlateau reducing learning rate to {lr:.4g}.")
         self._lr = lr
 
     def on_train_epoch_start(self, trainer, pl_module):
@@ -39,7 +41,7 @@ class History(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         m = trainer.callback_metrics
         if "train/loss" in m and not torch.isfinite(m["train/loss"]):
-            print(f"\nTraining diverged: train/loss is {float(m['train/loss'])} in epoch {trainer.current_epoch + 1}; "
+            log.warning(f"Training diverged: train/loss is {float(m['train/loss'])} in epoch {trainer.current_epoch + 1}; "
                   "stopping (try a lower optim.lr). Non-finite epochs are never the best checkpoint.")
             trainer.should_stop = True
         if "val/loss" not in m or any(r["epoch"] == trainer.current_epoch + 1 for r in self.rows):
@@ -97,4 +99,4 @@ class InterruptCheckpoint(L.Callback):
         trainer.save_checkpoint(self.path, weights_only=False)  # the whole state, for inspection
         last = self.path.parent / "last.ckpt"
         hint = f"continue with resume={last}" if last.exists() else "no epoch had finished, so there is nothing to resume"
-        print(f"\n{type(exception).__name__}: state saved to {self.path}; {hint}")
+        log.warning(f"{type(exception).__name__}: state saved to {self.path}; {hint}")

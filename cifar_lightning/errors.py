@@ -56,7 +56,17 @@ def cli(hydra_main: Callable[[], object]) -> None:
         if wants_traceback or not _is_user_facing(cause):
             raise
         print(one_line(cause), file=sys.stderr)
+        _to_log_files(one_line(cause))
         sys.exit(2)
+
+
+def _to_log_files(line: str) -> None:
+    """Also put the error line in the run directory's <job>.log (Hydra's file handler), if there is one."""
+    record = logging.makeLogRecord({"name": "cifar_lightning", "levelno": logging.ERROR, "levelname": "ERROR",
+                                    "msg": line})
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 class _DropLines:

@@ -6,6 +6,7 @@ Writes metrics.json, predictions.csv, confusion_matrix.png and roc_curves.png to
 directory (outputs/evaluate/<date>/<time>/)."""
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from cifar_lightning.data.folder import KerasImageFolder
 from cifar_lightning.errors import UserError, cli
 from cifar_lightning.model.checkpoint import load_net
 from cifar_lightning.report import write_evaluation
+
+
+log = logging.getLogger(__name__)
 
 
 def _strip_index(name: str) -> str:
@@ -54,7 +58,7 @@ def evaluate(cfg: DictConfig) -> dict:
     size = int(hp.get("image_size", 32))
     folder = KerasImageFolder(cfg.eval_dir, size, cfg.fidelity.resize)
     index, rule = match_classes(folder.classes, class_names)
-    print(f"classes matched: {rule}")
+    log.info(f"classes matched: {rule}")
     with tqdm(folder.samples, desc="decoding", unit="img") as samples:  # closed before an error line
         images = torch.stack([folder.loader(p) for p, _ in samples])
     labels = torch.tensor([index[t] for t in folder.targets])
@@ -62,7 +66,7 @@ def evaluate(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     metrics = write_evaluation(run_dir, logits, labels, [p for p, _ in folder.samples], class_names,
                                extra={"ckpt_path": str(cfg.ckpt_path), "eval_dir": str(cfg.eval_dir)})
-    print(f"accuracy {metrics['test_accuracy']:.4f}  macro F1 {metrics['f1_macro']:.4f}  "
+    log.info(f"accuracy {metrics['test_accuracy']:.4f}  macro F1 {metrics['f1_macro']:.4f}  "
           f"AUROC {metrics['auroc_macro']:.4f}  on {len(labels)} images; artefacts in {run_dir}")
     return metrics
 

@@ -8,6 +8,7 @@ outputs/predict/<date>/<time>/. Unreadable files are reported by path and skippe
 from __future__ import annotations
 
 import glob
+import logging
 from pathlib import Path
 
 import hydra
@@ -19,6 +20,9 @@ from cifar_lightning.errors import UserError, cli
 from cifar_lightning.evaluate import pick_device, predict_logits
 from cifar_lightning.model.checkpoint import load_net
 from cifar_lightning.report import short_name, write_csv
+
+
+log = logging.getLogger(__name__)
 
 
 def find_inputs(spec: str) -> list[Path]:
@@ -44,7 +48,7 @@ def predict(cfg: DictConfig) -> list[dict]:
             images.append(decode(f, size, cfg.fidelity.resize))
             paths.append(str(f))
         except UserError as exc:
-            print(f"skipped {exc}")
+            log.warning(f"skipped {exc}")
     if not images:
         raise UserError(f"inputs={cfg.inputs}: none of the files is a readable image")
     probs = predict_logits(net, torch.stack(images), cfg.batch_size, pick_device(cfg.device)).softmax(-1)
@@ -60,11 +64,11 @@ def predict(cfg: DictConfig) -> list[dict]:
     out = Path(cfg.run_dir) / "predictions.csv"
     write_csv(out, rows, cols)
     width = min(60, max(len(r["path"]) for r in rows))
-    print(f"{'image':<{width}}  top {k}")
+    log.info(f"{'image':<{width}}  top {k}")
     for r in rows:
         tops = "  ".join(f"{short_name(r[f'top{j + 1}'])} {float(r[f'p{j + 1}']):.2f}" for j in range(k))
-        print(f"{r['path'][-width:]:<{width}}  {tops}")
-    print(f"{len(rows)} images; predictions.csv in {out.parent}")
+        log.info(f"{r['path'][-width:]:<{width}}  {tops}")
+    log.info(f"{len(rows)} images; predictions.csv in {out.parent}")
     return rows
 
 

@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import logging
+
 import hydra
 from omegaconf import DictConfig
 
@@ -13,11 +15,14 @@ from cifar_lightning.data.prepare import ensure_layout
 from cifar_lightning.errors import cli
 
 
+log = logging.getLogger(__name__)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _main(cfg: DictConfig) -> None:
     d = cfg.data
     root = ensure_layout(d.root, str(d.source), [*d.train_dirs, d.val_dir, d.test_dir])
-    print(f"layout ready: {root}")
+    log.info(f"layout ready: {root}")
 
 
 if __name__ == "__main__":

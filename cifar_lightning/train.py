@@ -10,6 +10,7 @@ Everything lands in the run directory (outputs/<date>/<time>/): .hydra/, checkpo
 TensorBoard events, history.csv, metrics.json, predictions.csv and the PNG figures."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ from cifar_lightning.model.checkpoint import load_checkpoint
 from cifar_lightning.model.module import Classifier
 from cifar_lightning.model.net import count_params, summary
 from cifar_lightning.report import best_epoch, plot_history, save_figure, write_evaluation, write_json
+
+
+log = logging.getLogger(__name__)
 
 
 def build_datamodule(cfg: DictConfig) -> CifarDataModule:
@@ -59,7 +63,7 @@ def resolve_resume(resume: str | None) -> tuple[str, dict] | tuple[None, None]:
         if not found:
             raise UserError("resume=last: no outputs/**/checkpoints/last.ckpt under the current directory")
         resume = str(found[-1])
-        print(f"resuming from {resume}")
+        log.info(f"resuming from {resume}")
     path = Path(resume)
     if not path.is_file():
         raise UserError(f"resume={resume}: no such checkpoint file")
@@ -96,7 +100,7 @@ def train(cfg: DictConfig) -> dict:
     resume, resume_hp = resolve_resume(cfg.resume)
     if resume:  # continue in the interrupted run's directory, where its best checkpoint and history are
         cfg.run_dir = str(Path(resume).resolve().parent.parent)
-        print(f"continuing the run in {cfg.run_dir}")
+        log.info(f"continuing the run in {cfg.run_dir}")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -108,14 +112,14 @@ def train(cfg: DictConfig) -> dict:
     container = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731 - plain, weights_only-safe
     model_cfg = container(cfg.model)
     if model_cfg["num_classes"] != len(class_names):  # the data decides how many outputs
-        print(f"model.num_classes={model_cfg['num_classes']} -> {len(class_names)}, the class folders in {cfg.data.root}")
+        log.info(f"model.num_classes={model_cfg['num_classes']} -> {len(class_names)}, the class folders in {cfg.data.root}")
         model_cfg["num_classes"] = len(class_names)
     if resume:
         check_resume_matches(resume, resume_hp, class_names, model_cfg, container(cfg.optim))
     model = Classifier(model=model_cfg, optim=container(cfg.optim), scheduler=container(cfg.scheduler),
                        class_names=class_names, monitor=cfg.monitor, image_size=cfg.data.image_size)
     trainable, stats = count_params(model.net)
-    print(summary(model.net))
+    log.info(summary(model.net))
 
     logger, callbacks = build_logger_and_callbacks(cfg)
     history = next(c for c in callbacks if isinstance(c, History))
@@ -143,7 +147,7 @@ def train(cfg: DictConfig) -> dict:
 
     if cfg.test:
         ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        print(f"Restoring best weights from the end of epoch {best}: {ckpt}")
+        log.info(f"Restoring best weights from the end of epoch {best}: {ckpt}")
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True, verbose=False)
         logits, labels = gather_test_outputs(model.test_outputs, trainer.world_size)
         if not trainer.is_global_zero:
@@ -151,14 +155,14 @@ def train(cfg: DictConfig) -> dict:
         tb = logger.experiment if logger else None
         metrics = write_evaluation(run_dir, logits, labels, datamodule.paths[cfg.data.test_dir], class_names,
                                    extra=metrics, tb_writer=tb)
-        print(f"test accuracy {metrics['test_accuracy']:.4f}  macro F1 {metrics['f1_macro']:.4f}  "
+        log.info(f"test accuracy {metrics['test_accuracy']:.4f}  macro F1 {metrics['f1_macro']:.4f}  "
               f"AUROC {metrics['auroc_macro']:.4f}")
     elif trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
     if logger:
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         logger.log_hyperparams(_flatten(container(cfg)), {f"hparams/{k}": v for k, v in flat.items()})
-    print(f"artefacts in {run_dir}")
+    log.info(f"artefacts in {run_dir}")
     return metrics
 
 

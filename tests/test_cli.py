@@ -1,7 +1,6 @@
 """The command lines, end to end, on tiny data made in tmp_path."""
 import csv
 import json
-import pickle
 
 import pytest
 import torch
@@ -47,6 +46,8 @@ def test_train_writes_every_artefact(trained):
     assert len(preds) == 30 and abs(sum(float(preds[0][c]) for c in CLASSES) - 1) < 1e-4
     assert all((run / p).read_bytes()[:8] == PNG for p in ["training_curves.png", "confusion_matrix.png", "roc_curves.png"])
     assert "Trainable params: 815,018" in res.stdout and "Restoring best weights" in res.stdout
+    log = (run / "train.log").read_text()  # ours and Lightning's lines (checkpoint), once on the console
+    assert "test accuracy" in log and "'val/loss' reached" in log and "INFO: " not in res.stderr
     ckpt = torch.load(run / "checkpoints/best.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["class_names"] == CLASSES
 
@@ -98,6 +99,7 @@ def test_evaluate_unreadable_image_error_is_its_own_last_line(trained, tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {bad}: not a readable image"), res.stderr[-1000:]
+    assert last in (tmp_path / "eval" / "evaluate.log").read_text()  # the run directory says why it failed
 
 
 def test_evaluate_mismatched_classes_lists_the_difference(trained, tmp_path):

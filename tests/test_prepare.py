@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from torchvision.datasets import CIFAR10
 
-from cifar_lightning.data import prepare
 from cifar_lightning.data.folder import KerasImageFolder
 from cifar_lightning.data.prepare import ensure_layout
 from cifar_lightning.errors import UserError
