@@ -93,6 +93,18 @@ def check_resume_matches(resume: str, hp: dict, class_names: list[str], model_cf
             raise UserError(f"resume={resume}: {key}={value}, but the checkpoint was trained with {theirs[key]}")
 
 
+def log_also_to(path: Path) -> None:
+    """A resumed run writes its messages to the original run's train.log too, beside its artefacts
+    (Hydra's file handler writes to this invocation's own directory)."""
+    hydra_files = [h for h in logging.getLogger().handlers  # Hydra's: <run dir>/train.log
+                   if isinstance(h, logging.FileHandler) and Path(h.baseFilename).name == path.name]
+    if hydra_files and all(Path(h.baseFilename) != path.resolve() for h in hydra_files):
+        handler = logging.FileHandler(path)  # appends
+        handler.setFormatter(hydra_files[0].formatter)
+        logging.getLogger().addHandler(handler)
+        log.info(f"resumed from {Path(hydra_files[0].baseFilename).parent}")
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit, test the best checkpoint, write the artefacts; return metrics.json's content."""
     check_targets(cfg)
@@ -101,6 +113,7 @@ def train(cfg: DictConfig) -> dict:
     if resume:  # continue in the interrupted run's directory, where its best checkpoint and history are
         cfg.run_dir = str(Path(resume).resolve().parent.parent)
         log.info(f"continuing the run in {cfg.run_dir}")
+        log_also_to(Path(cfg.run_dir) / "train.log")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)

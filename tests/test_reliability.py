@@ -184,3 +184,26 @@ def test_a_crash_before_any_training_step_keeps_the_old_interrupted_checkpoint(t
     callback.on_train_batch_end(trainer, None, None, None, 0)
     callback.on_exception(trainer, None, KeyboardInterrupt())
     assert saved == [tmp_path / "interrupted.ckpt"]
+
+
+def test_a_resumed_run_also_logs_into_the_original_run_directory(tmp_path):
+    import logging
+
+    from cifar_lightning.train import log, log_also_to
+
+    (tmp_path / "new").mkdir(), (tmp_path / "old").mkdir()
+    root, before = logging.getLogger(), list(logging.getLogger().handlers)
+    root.addHandler(logging.FileHandler(tmp_path / "new" / "train.log"))  # as Hydra's job logging does
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        log_also_to(tmp_path / "old" / "train.log")
+        log.info("epoch 3 done")
+    finally:
+        for h in set(root.handlers) - set(before):
+            root.removeHandler(h)
+            h.close()
+        root.setLevel(level)
+    assert "epoch 3 done" in (tmp_path / "new" / "train.log").read_text()
+    assert "epoch 3 done" in (tmp_path / "old" / "train.log").read_text()
+    assert f"resumed from {tmp_path / 'new'}" in (tmp_path / "old" / "train.log").read_text()
