@@ -62,6 +62,16 @@ def test_experiments_train_one_epoch(experiment, tiny_layout, tmp_path):
     m = train(cfg_for(tmp_path, tiny_layout, f"experiment={experiment}", "trainer.max_epochs=1", "logger=none",
                       "data.batch_size=16", "scheduler.max_lr=0.01" if experiment == "best" else "seed=0"))
     assert m["trainable_params"] == 815_018 and m["epochs_run"] == 1 and 0 <= m["test_accuracy"] <= 1
+    # the recipe reached the module and the optimizer that trained, not only the config
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    hp, group = ckpt["hyper_parameters"], ckpt["optimizer_states"][0]["param_groups"][0]
+    assert hp["model"]["augment"]["flip"] is True
+    if experiment == "next":
+        assert hp["model"]["l2"] == 1e-4 and group["betas"] == (0.9, 0.999)  # Adam
+    else:
+        assert hp["model"]["tta_flip"] and hp["model"]["label_smoothing"] == 0.1
+        assert group["nesterov"] is True and group["weight_decay"] == 5e-4  # SGD
+        assert ckpt["lr_schedulers"][0]["total_steps"] == 8  # one-cycle over the whole fit: 8 steps of 16
 
 
 def test_accuracy_is_keras_fraction_correct_without_per_step_sync(tmp_path, monkeypatch):
