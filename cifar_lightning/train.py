@@ -144,8 +144,11 @@ def train(cfg: DictConfig) -> dict:
 
     rows = history.rows
     best = best_epoch(rows)
+    # best.ckpt: the checkpoint callback that follows the monitor (last.ckpt's has none)
+    best_ckpt = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor == cfg.monitor), "")
     if best is None:  # Lightning keeps a non-finite first epoch as best.ckpt (score inf): drop it
-        Path(trainer.checkpoint_callback.best_model_path or run_dir / "none").unlink(missing_ok=True)
+        if best_ckpt:
+            Path(best_ckpt).unlink(missing_ok=True)
         raise UserError(f"training diverged: no epoch had a finite val/loss, no best checkpoint kept "
                         f"(try a lower optim.lr than {cfg.optim.lr})")
     best_row = next(r for r in rows if r["epoch"] == best)
@@ -159,9 +162,9 @@ def train(cfg: DictConfig) -> dict:
         save_figure(fig, run_dir / "training_curves.png")
 
     if cfg.test:
-        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        log.info(f"Restoring best weights from the end of epoch {best}: {ckpt}")
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True, verbose=False)
+        log.info(f"Restoring best weights from the end of epoch {best}: {best_ckpt}" if best_ckpt
+                 else "no best checkpoint (callbacks.checkpoint=null): testing the final weights")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best_ckpt or None, weights_only=True, verbose=False)
         logits, labels = gather_test_outputs(model.test_outputs, trainer.world_size)
         if not trainer.is_global_zero:
             return metrics

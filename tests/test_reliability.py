@@ -69,6 +69,19 @@ def test_resume_refuses_what_it_cannot_continue_before_writing_anything(tiny_lay
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no interrupted.ckpt, nothing beside backup/
 
 
+def test_last_checkpoint_is_the_last_epoch_even_when_it_did_not_improve(tiny_layout, tmp_path):
+    """last.ckpt is what resume continues from. Lightning 2.6's save_last refreshes it only on epochs
+    that improve the monitor. Here no epoch can: with lr 0 and frozen BatchNorm statistics val/loss is
+    the same every epoch (a tie is not an improvement), so best.ckpt stays at epoch 1."""
+    train(cfg_for(tmp_path, tiny_layout, "optim.lr=0", "model.bn_momentum=0", "trainer.max_epochs=3", "test=false",
+                  *FAST))
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert best["epoch"] == 0  # the premise: no later epoch improved
+    assert (last["epoch"], last["global_step"]) == (2, 3 * 4)  # 3 epochs of 4 steps (4 dirs x ceil(20/64))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
 def test_sigterm_leaves_loadable_checkpoints_and_exits_nonzero(tiny_layout, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "cifar_lightning.train", f"data.root={tiny_layout}", "trainer.max_epochs=500",
