@@ -31,10 +31,14 @@ def _atomic_write(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; artefacts are for people to open
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; artefacts are for people to open
+        os.replace(tmp, path)
+    finally:  # a failed write (disk full, say) leaves the old file and no temporary one
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def write_json(path, obj) -> None:
