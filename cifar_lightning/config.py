@@ -64,8 +64,6 @@ def check_targets(node: Any, key: str = "") -> None:
 INTEGERS_AT_LEAST = {"seed": 0, "data.batch_size": 1, "data.image_size": 1, "data.num_workers": 0,
                      "trainer.max_epochs": -1, "trainer.log_every_n_steps": 1, "scheduler.patience": 0,
                      "callbacks.early_stopping.patience": 0}
-CHOICES = {"model.init": ("glorot", "torch"), "scheduler.counting": ("keras", "torch"),
-           "fidelity.batching": ("per_directory", "random"), "fidelity.resize": ("tf_bilinear", "pil_bilinear")}
 TEXT_KEYS = {"_target_", "mode", "counting", "interval"}  # the only optim/scheduler keys that hold text
 
 
@@ -79,6 +77,18 @@ def _typed_key(cfg: DictConfig, key: str) -> str:
     return value[2:-1] if value.startswith("${") and value.endswith("}") else key
 
 
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Keys that name an option, and the options, from the modules that use them (imported here:
+    schedule imports this module)."""
+    from cifar_lightning.data.folder import RESIZES
+    from cifar_lightning.data.sampler import BATCHINGS
+    from cifar_lightning.model.net import INITS
+    from cifar_lightning.model.schedule import COUNTINGS
+
+    return {"model.init": INITS, "scheduler.counting": COUNTINGS, "fidelity.batching": BATCHINGS,
+            "fidelity.resize": RESIZES}
+
+
 def check_values(cfg: DictConfig) -> None:
     """Raise UserError naming the key of a value of the wrong kind."""
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
@@ -86,7 +96,7 @@ def check_values(cfg: DictConfig) -> None:
         v = OmegaConf.select(cfg, key, default=None)
         if v is not None and not (is_int(v) and v >= low):
             raise UserError(f"{_typed_key(cfg, key)}={v}: must be a whole number >= {low}")
-    for key, options in CHOICES.items():
+    for key, options in _choices().items():
         v = OmegaConf.select(cfg, key, default=None)
         if v is not None and v not in options:
             raise UserError(f"{_typed_key(cfg, key)}={v} is not one of: {', '.join(options)}")

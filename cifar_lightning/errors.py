@@ -55,8 +55,9 @@ def cli(hydra_main: Callable[[], object]) -> None:
             cause = cause.__cause__
         if wants_traceback or not _is_user_facing(cause):
             raise
-        print(one_line(cause), file=sys.stderr)
-        _to_log_files(one_line(cause))
+        line = one_line(cause)
+        print(line, file=sys.stderr)
+        _to_log_files(line)
         sys.exit(2)
 
 

@@ -68,7 +68,8 @@ def resolve_resume(resume: str | None) -> tuple[str, dict] | tuple[None, None]:
     if not path.is_file():
         raise UserError(f"resume={resume}: no such checkpoint file")
     # The run continues in the checkpoint's run directory and overwrites files there: make sure it is one.
-    if path.resolve().parent.name != "checkpoints" or not (path.resolve().parent.parent / "history.csv").is_file():
+    folder = path.resolve().parent
+    if folder.name != "checkpoints" or not (folder.parent / "history.csv").is_file():
         raise UserError(f"resume={resume}: not in a run directory (RUN/checkpoints/NAME.ckpt beside RUN/history.csv), "
                         "where the run would continue and write its files; resume from the run's own checkpoints/")
     ckpt = load_checkpoint(resume)  # refuses, as one error line, a file that weights_only=True can't load
@@ -84,13 +85,11 @@ def check_resume_matches(resume: str, hp: dict, class_names: list[str], model_cf
     if [str(c) for c in hp["class_names"]] != class_names:
         raise UserError(f"resume={resume}: its classes {list(hp['class_names'])} differ from the class folders "
                         f"in data.root: {class_names}")
-    mine = {**{f"model.{k}": model_cfg.get(k) for k in ("name", "widths", "hidden", "num_classes")},
-            "optim._target_": optim_cfg.get("_target_")}
-    theirs = {**{f"model.{k}": hp["model"].get(k) for k in ("name", "widths", "hidden", "num_classes")},
-              "optim._target_": hp["optim"].get("_target_")}
-    for key, value in mine.items():
-        if value != theirs[key]:
-            raise UserError(f"resume={resume}: {key}={value}, but the checkpoint was trained with {theirs[key]}")
+    pairs = [(f"model.{k}", model_cfg.get(k), hp["model"].get(k)) for k in ("name", "widths", "hidden", "num_classes")]
+    pairs.append(("optim._target_", optim_cfg.get("_target_"), hp["optim"].get("_target_")))
+    for key, mine, theirs in pairs:
+        if mine != theirs:
+            raise UserError(f"resume={resume}: {key}={mine}, but the checkpoint was trained with {theirs}")
 
 
 def log_also_to(path: Path) -> None:

@@ -17,6 +17,7 @@ from cifar_lightning.errors import UserError
 
 # Keras image_dataset_from_directory's extensions (ImageFolder's differ: no .gif, extra .tif/.webp...)
 EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+RESIZES = ("tf_bilinear", "pil_bilinear")  # fidelity.resize: tf.image.resize, or PIL's (antialiased)
 MAX_PIXELS = 64_000_000  # larger canvases are refused from the header, before any decoding
 
 

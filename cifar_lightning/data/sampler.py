@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Sampler
 
+BATCHINGS = ("per_directory", "random")  # fidelity.batching for training; "sequential" serves val/test
+
 
 class DirectoryBatchSampler(Sampler[list[int]]):
     """Keras's batching of concatenated directories (mode="per_directory"): each directory is
@@ -18,7 +20,7 @@ class DirectoryBatchSampler(Sampler[list[int]]):
 
     def __init__(self, sizes: list[int], batch_size: int, mode: str = "per_directory", seed: int = 0,
                  rank: int = 0, world_size: int = 1):
-        if mode not in ("per_directory", "random", "sequential"):
+        if mode not in (*BATCHINGS, "sequential"):
             raise ValueError(f"unknown batching mode {mode!r}")
         self.sizes, self.batch_size, self.mode, self.seed = list(sizes), batch_size, mode, seed
         self.rank, self.world_size, self.epoch = rank, world_size, 0

@@ -8,6 +8,7 @@ from torch import nn
 from cifar_lightning.errors import UserError
 
 MODELS = ("s",)
+INITS = ("glorot", "torch")  # model.init: Keras's glorot_uniform, or PyTorch's default
 
 
 class ModelS(nn.Module):
@@ -29,7 +30,7 @@ class ModelS(nn.Module):
         if init == "glorot":
             self.apply(_glorot_uniform)
         elif init != "torch":
-            raise UserError(f"model.init={init} is not one of: glorot, torch")
+            raise UserError(f"model.init={init} is not one of: {', '.join(INITS)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits. Rescaling 1/255 happens here, as Keras's Rescaling layer, so loaders stay uint8."""

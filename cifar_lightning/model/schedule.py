@@ -6,6 +6,8 @@ import torch
 from cifar_lightning.config import complete, instantiate
 from cifar_lightning.errors import UserError
 
+COUNTINGS = ("keras", "torch")  # scheduler.counting: whose plateau patience and threshold rules
+
 
 def build_scheduler(cfg: dict, optimizer, total_steps) -> tuple[object, str]:
     """(scheduler, Lightning interval) from a scheduler config. Two keys are ours, not the target's:
@@ -28,7 +30,7 @@ def reduce_on_plateau(optimizer, mode: str = "min", factor: float = 0.1, patienc
     elif counting == "torch":  # PyTorch's own defaults: its counting, relative threshold
         torch_patience, threshold_mode = patience, "rel"
     else:
-        raise UserError(f"scheduler.counting={counting} is not one of: keras, torch")
+        raise UserError(f"scheduler.counting={counting} is not one of: {', '.join(COUNTINGS)}")
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode=mode, factor=factor, patience=torch_patience,
         threshold=min_delta, threshold_mode=threshold_mode, cooldown=0, min_lr=0.0)
