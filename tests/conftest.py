@@ -49,3 +49,10 @@ def run_cli(module: str, *args: str, cwd: Path, timeout: int = 300) -> subproces
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+class RunsCode:
+    """Pickles as a call that writes $PWNED_MARKER: a hostile file's payload, for tests that it never runs."""
+
+    def __reduce__(self):
+        return (exec, ("open(__import__('os').environ['PWNED_MARKER'], 'w').write('ran')",))

@@ -7,7 +7,7 @@ import torch
 
 from cifar_lightning.model.checkpoint import load_net
 from cifar_lightning.errors import UserError
-from tests.conftest import CLASSES, make_layout, run_cli, write_images
+from tests.conftest import CLASSES, RunsCode, make_layout, run_cli, write_images
 
 PNG = b"\x89PNG\r\n\x1a\n"
 QUICK = ["trainer=cpu", "callbacks.progress_bar.refresh_rate=0"]
@@ -126,16 +126,11 @@ def test_predict_skips_unreadable_files(trained, tmp_path):
     assert len(rows) == 3 and rows[0]["prediction"] in CLASSES and float(rows[0]["p1"]) >= float(rows[0]["p2"])
 
 
-class _RunsCode:
-    def __reduce__(self):
-        return (exec, ("open(__import__('os').environ['PWNED_MARKER'], 'w').write('ran')",))
-
-
 def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED_MARKER", str(marker))
     evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "payload": _RunsCode()}, evil)
+    torch.save({"state_dict": {}, "payload": RunsCode()}, evil)
     with pytest.raises(UserError, match=r"evil.ckpt: refused"):
         load_net(evil)
     assert not marker.exists()

@@ -13,7 +13,7 @@ from cifar_lightning.data.cache import load_split
 from cifar_lightning.data.folder import KerasImageFolder, decode
 from cifar_lightning.data.sampler import DirectoryBatchSampler
 from cifar_lightning.train import build_datamodule
-from tests.conftest import CLASSES, SPLITS, cfg_for, make_layout, write_images
+from tests.conftest import CLASSES, SPLITS, RunsCode, cfg_for, make_layout, write_images
 
 TRAIN_DIRS = ["train_1", "train_2", "train_3", "train_4"]
 
@@ -146,11 +146,6 @@ def test_failed_cache_write_keeps_the_old_cache_and_no_temp_file(tmp_path, monke
     assert torch.equal(torch.load(old, weights_only=True)["images"], images)
 
 
-class _RunsCode:
-    def __reduce__(self):
-        return (exec, ("open(__import__('os').environ['PWNED_MARKER'], 'w').write('ran')",))
-
-
 def test_cache_file_that_would_run_code_is_rebuilt_not_run(tmp_path, monkeypatch):
     # The cache sits beside the data, which may come from elsewhere: it is loaded with weights_only=True,
     # so a planted pickle is an unreadable cache (rebuilt), never code that runs.
@@ -159,7 +154,7 @@ def test_cache_file_that_would_run_code_is_rebuilt_not_run(tmp_path, monkeypatch
     root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"valid": 2})
     images, _, _ = load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")
     (path,) = root.glob(".cache-valid-*.pt")
-    torch.save({"fingerprint": _RunsCode()}, path)
+    torch.save({"fingerprint": RunsCode()}, path)
     again, _, _ = load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")
     assert not marker.exists()
     assert torch.equal(again, images)

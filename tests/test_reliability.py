@@ -16,8 +16,8 @@ from cifar_lightning.errors import UserError
 from cifar_lightning.evaluate import evaluate
 from cifar_lightning.train import train
 from omegaconf import OmegaConf
-from tests.conftest import CLASSES, cfg_for, make_layout, run_cli
-from tests.test_cli import QUICK, _RunsCode
+from tests.conftest import CLASSES, RunsCode, cfg_for, make_layout, run_cli
+from tests.test_cli import QUICK
 
 FAST = ["logger=none", "callbacks.progress_bar.refresh_rate=0", "trainer=cpu"]
 
@@ -111,7 +111,7 @@ def test_hostile_checkpoint_for_resume_is_refused(tiny_layout, tmp_path, monkeyp
     evil = tmp_path / "old" / "checkpoints" / "evil.ckpt"  # in a run directory, so it gets as far as loading
     evil.parent.mkdir(parents=True)
     (tmp_path / "old" / "history.csv").write_text("epoch\n")
-    torch.save({"state_dict": {}, "x": _RunsCode()}, evil)
+    torch.save({"state_dict": {}, "x": RunsCode()}, evil)
     with pytest.raises(UserError, match=r"evil.ckpt: refused"):
         train(cfg_for(tmp_path / "run", tiny_layout, f"resume={evil}", *FAST))
     assert not marker.exists()
