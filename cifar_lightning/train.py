@@ -164,11 +164,12 @@ def train(cfg: DictConfig) -> dict:
         log.info(f"Restoring best weights from the end of epoch {best}: {best_ckpt}" if best_ckpt
                  else "no best checkpoint (callbacks.checkpoint=null): testing the final weights")
         trainer.test(model, datamodule=datamodule, ckpt_path=best_ckpt or None, weights_only=True, verbose=False)
-        logits, labels = gather_test_outputs(model.test_outputs, trainer.world_size)
+        test_paths = datamodule.paths[cfg.data.test_dir]
+        logits, labels = gather_test_outputs(model.test_outputs, trainer.world_size, len(test_paths))
         if not trainer.is_global_zero:
             return metrics
         tb = logger.experiment if logger else None
-        metrics = write_evaluation(run_dir, logits, labels, datamodule.paths[cfg.data.test_dir], class_names,
+        metrics = write_evaluation(run_dir, logits, labels, test_paths, class_names,
                                    extra=metrics, tb_writer=tb)
         log.info(f"test accuracy {metrics['test_accuracy']:.4f}  macro F1 {metrics['f1_macro']:.4f}  "
               f"AUROC {metrics['auroc_macro']:.4f}")
@@ -181,15 +182,16 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
-def gather_test_outputs(outputs: list, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_test_outputs(outputs: list, world_size: int, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of the whole test split in file order. Under DDP each rank holds a chunk of
-    every batch (DirectoryBatchSampler), so batches are re-interleaved rank by rank."""
+    every batch (DirectoryBatchSampler), so batches are re-interleaved rank by rank; a last batch
+    smaller than world_size repeats its last image at the end, which n_images cuts off."""
     if world_size > 1:
         everyone = [None] * world_size
         torch.distributed.all_gather_object(everyone, outputs)
         outputs = [out for per_batch in zip(*everyone) for out in per_batch]
     logits, labels = zip(*outputs)
-    return torch.cat(logits), torch.cat(labels)
+    return torch.cat(logits)[:n_images], torch.cat(labels)[:n_images]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

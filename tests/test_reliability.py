@@ -12,9 +12,10 @@ import torch
 
 from cifar_lightning.data.cache import load_split
 from cifar_lightning.data.folder import KerasImageFolder
+from cifar_lightning.data.sampler import DirectoryBatchSampler
 from cifar_lightning.errors import UserError
 from cifar_lightning.evaluate import evaluate
-from cifar_lightning.train import train
+from cifar_lightning.train import gather_test_outputs, train
 from omegaconf import OmegaConf
 from tests.conftest import CLASSES, RunsCode, cfg_for, make_layout, run_cli
 from tests.test_cli import QUICK
@@ -177,6 +178,20 @@ def test_ddp_cpu_matches_one_process(tiny_layout, tmp_path):
     assert ddp["per_class"][CLASSES[0]]["support"] == 3  # every test image once, none twice
     assert abs(ddp["test_loss"] - single["test_loss"]) < 0.15
     assert abs(ddp["test_accuracy"] - single["test_accuracy"]) <= 0.2
+
+
+@pytest.mark.parametrize("n_images,batch_size,world_size", [(30, 8, 2), (17, 8, 2), (33, 8, 4), (9, 4, 3), (5, 64, 8)])
+def test_ddp_test_outputs_gather_into_file_order_once_each(monkeypatch, n_images, batch_size, world_size):
+    """Under DDP each rank tests its chunk of every sequential batch; gathered, the outputs must be the
+    test split in file order, each image once: predictions.csv pairs rows with paths by position.
+    Includes last batches smaller than world_size (17 % 8 = 1 image for 2 ranks), where some rank
+    has no image of its own and repeats one. Each fake output carries its image's index."""
+    per_rank = [[(torch.tensor(b, dtype=torch.float32)[:, None], torch.tensor(b))
+                 for b in DirectoryBatchSampler([n_images], batch_size, "sequential", rank=r, world_size=world_size)]
+                for r in range(world_size)]
+    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, _: out.__setitem__(slice(None), per_rank))
+    logits, labels = gather_test_outputs(per_rank[0], world_size, n_images)
+    assert labels.tolist() == logits[:, 0].long().tolist() == list(range(n_images))
 
 
 def test_config_mistake_found_in_fit_saves_nothing_and_names_the_key(tiny_layout, tmp_path):

@@ -50,7 +50,9 @@ class DirectoryBatchSampler(Sampler[list[int]]):
 
     def _chunk(self, batch: list[int]) -> list[int]:
         n, w, r = len(batch), self.world_size, self.rank
-        return batch[r * n // w:(r + 1) * n // w] or batch[-1:]  # a batch smaller than world_size repeats an image
+        if n < w:  # every rank must take a step: ranks past the batch repeat its last image, so the
+            return [batch[min(r, n - 1)]]  # repeats come last when the ranks' chunks are put together
+        return batch[r * n // w:(r + 1) * n // w]
 
     def __iter__(self):
         yield from self.batches()
