@@ -144,6 +144,22 @@ def test_augment_ranges_reach_keras_bounds(monkeypatch):
     assert scale.min() < 0.92 and scale.max() > 1.08
 
 
+def test_augment_samples_the_same_pixels_under_bf16_autocast():
+    # trainer.precision=bf16-mixed runs training_step under autocast; the warp's grid must stay fp32
+    # (a bf16 grid moves sampling positions by up to ~1/256 of the image, a visible shift of edges).
+    import cifar_lightning.model.augment as augment
+
+    x = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    warp = augment.Augment(flip=True, rotation_deg=10, zoom=0.1, translate=0.1)
+    torch.manual_seed(0)
+    fp32 = warp(x)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = warp(x)
+    assert mixed.dtype == torch.float32
+    assert (mixed - fp32).abs().max() < 1e-2  # 0-255 scale
+
+
 # ---------------------------------------------------------------- checkpoints
 def _ckpt(module, path):
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)

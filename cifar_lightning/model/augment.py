@@ -29,5 +29,8 @@ class Augment(nn.Module):
         tx, ty = u() * 2 * self.translate, u() * 2 * self.translate  # grid units: 2 = full width
         cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
         theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        # fp32 even under bf16-mixed: autocast would build the grid with a bf16 matmul (coordinates
+        # good to about 1/256 of the image), then grid_sample would sample at the rounded positions
+        with torch.autocast(dev.type, enabled=False):
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
