@@ -12,9 +12,10 @@
   c  cifar_lightning's own, as train runs it: Classifier + CifarDataModule + Trainer with the configured
      callbacks (checkpoints, early stopping, progress bar, history) and logger, at each `precision` x `compile_c`
 (a) and (b) train with plain cross-entropy: model.augment/l2/label_smoothing (off by default) apply to
-(c) alone. Every pipeline starts from the same seed and is warmed up for `warmup_steps` (untimed). images/s is
-training images / (train epoch + validation) seconds; "one-off s" is what the warm-up took beyond its steps
-at the epoch's pace (torch.compile's compile time, with model.compile=true). Also timed: the cache (build and load), and
+(c) alone. Every pipeline starts from the same seed and is warmed up for `warmup_steps` (untimed); a compiled
+(c) for a whole untimed epoch, so the clock never meets a batch shape it has not compiled (its val acc is then
+after two epochs). images/s is training images / (train epoch + validation) seconds; "one-off s" is what the
+warm-up took beyond its steps at the epoch's pace (torch.compile's compile time). Also timed: the cache (build and load), and
 (a) against batch size and train-set fraction. data.root must hold the layout (or data.source
 builds it, as in train). Prints tables; writes everything to outputs/bench/<date>/<time>/bench.json."""
 from __future__ import annotations
@@ -121,11 +122,13 @@ def result(images: int, steps: int, full_steps: int, val_steps: int, train_s: fl
             "val_acc": None if val_acc is None else round(float(val_acc), 4)}
 
 
-def with_warmup(r: dict, warmup_s: float, steps: int) -> dict:
+def with_warmup(r: dict, warmup_s: float, steps: int, val_steps: int | None = None) -> dict:
     """The warm-up's wall time, and its one-off cost: what it took beyond `steps` training and
-    validation steps at the timed epoch's pace (torch.compile's compile time, allocator, autotuning)."""
-    pace = r["train_s"] / r["train_steps"] + r["val_s"] / r["val_steps"]
-    return {**r, "warmup_s": round(warmup_s, 3), "one_off_s": round(warmup_s - steps * pace, 3) if steps else None}
+    `val_steps` (default: `steps`) validation steps at the timed epoch's pace (torch.compile's
+    compile time, allocator, autotuning)."""
+    val_steps = steps if val_steps is None else val_steps
+    at_pace = steps * r["train_s"] / r["train_steps"] + val_steps * r["val_s"] / r["val_steps"]
+    return {**r, "warmup_s": round(warmup_s, 3), "one_off_s": round(warmup_s - at_pace, 3) if steps else None}
 
 
 def compile_payoff(rows: list[dict], epochs: int = 30) -> list[dict]:
@@ -215,8 +218,9 @@ def plain_epoch(cfg: DictConfig, data: dict, device: torch.device, batch_size: i
 
 # ---------------------------------------------------------------- (b) and (c): Lightning
 class EpochTimer(L.Callback):
-    """Train-epoch and validation wall time (validation runs inside the epoch, before
-    on_train_epoch_end), and the training images seen."""
+    """Train-epoch and validation wall time, and the training images seen. Validation runs inside
+    the epoch; the clock stops at on_train_end, so "val s" also holds the epoch-end callbacks that
+    Lightning calls after ours (checkpoint writes, early stopping)."""
 
     def on_train_epoch_start(self, trainer, module):
         self.images, self.t0 = 0, clock(module.device)
@@ -227,18 +231,21 @@ class EpochTimer(L.Callback):
     def on_validation_epoch_start(self, trainer, module):
         self.t1 = clock(module.device)
 
-    def on_train_epoch_end(self, trainer, module):
+    def on_train_end(self, trainer, module):
         self.t2 = clock(module.device)
 
 
 def lightning_epoch(make_trainer, module: L.LightningModule, n_train: int, n_val: int, cfg: DictConfig,
-                    **fit_kwargs) -> dict:
-    """Warm up with a short fit, then time one epoch with a fresh Trainer on the same module."""
-    tw = time.perf_counter()
-    if cfg.warmup_steps:
-        make_trainer(limit_train_batches=cfg.warmup_steps, limit_val_batches=cfg.warmup_steps).fit(module, **fit_kwargs)
-    warmup_s = time.perf_counter() - tw
+                    compiled: bool = False, **fit_kwargs) -> dict:
+    """Warm up with a short fit, then time one epoch with a fresh Trainer on the same module. A
+    compiled module warms up on the timed epoch itself (same batches: same seed, epoch 0), so every
+    batch shape the clock meets (each directory's last partial batch, validation's) is compiled."""
     steps, val_steps = caps(n_train, n_val, cfg.max_steps)
+    warm_steps, warm_val = (steps, val_steps) if compiled else (cfg.warmup_steps, cfg.warmup_steps)
+    tw = time.perf_counter()
+    if warm_steps:
+        make_trainer(limit_train_batches=warm_steps, limit_val_batches=warm_val).fit(module, **fit_kwargs)
+    warmup_s = time.perf_counter() - tw
     timer = EpochTimer()
     trainer = make_trainer(callbacks=[timer], limit_train_batches=steps, limit_val_batches=val_steps)
     trainer.fit(module, **fit_kwargs)
@@ -247,7 +254,7 @@ def lightning_epoch(make_trainer, module: L.LightningModule, n_train: int, n_val
     # what ran inside the timed epoch besides the module
     r.update(callbacks=[type(c).__name__ for c in trainer.callbacks if c is not timer],
              logger=type(trainer.logger).__name__ if trainer.logger else None)
-    return with_warmup(r, warmup_s, cfg.warmup_steps)
+    return with_warmup(r, warmup_s, warm_steps, warm_val)
 
 
 class PlainModule(L.LightningModule):
@@ -319,7 +326,8 @@ def pipeline_c(cfg: DictConfig, datamodule, classes: list[str], sizes: list[int]
     bs = cfg.data.batch_size
     n_train = len(DirectoryBatchSampler(sizes, bs, cfg.fidelity.batching))
     try:
-        return lightning_epoch(make_trainer, model, n_train, math.ceil(n_val_images / bs), cfg, datamodule=datamodule)
+        return lightning_epoch(make_trainer, model, n_train, math.ceil(n_val_images / bs), cfg,
+                               compiled=bool(cfg.model.compile), datamodule=datamodule)
     finally:
         shutil.rmtree(fits, ignore_errors=True)
 
