@@ -1,4 +1,6 @@
-"""Build the notebook's layout under data.root from data.source, without training.
+"""Get everything before training ready under data.root: build the notebook's layout from
+data.source, check the splits' class folders and every image, and (data.cache=true) decode each
+split into its cache file, so the first training run starts warm.
 
     python -m cifar_lightning.prepare data.root=data/cifar10 data.source=../shared/data/cifar10-jpeg.tar.gz
     python -m cifar_lightning.prepare data.source=PATH/cifar-10-python.tar.gz
@@ -11,8 +13,9 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from cifar_lightning.data.prepare import ensure_layout
+from cifar_lightning.config import check_values
 from cifar_lightning.errors import cli
+from cifar_lightning.train import build_datamodule
 
 
 log = logging.getLogger(__name__)
@@ -20,9 +23,13 @@ log = logging.getLogger(__name__)
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _main(cfg: DictConfig) -> None:
-    d = cfg.data
-    root = ensure_layout(d.root, str(d.source), [*d.train_dirs, d.val_dir, d.test_dir])
-    log.info(f"layout ready: {root}")
+    check_values(cfg)
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()  # the layout
+    datamodule.setup()  # classes across splits, every image decoded once: into the caches, or checked
+    kind = "cached" if cfg.data.cache else "checked"
+    log.info(f"ready: {cfg.data.root} ({len(datamodule.classes)} classes, "
+             + ", ".join(f"{name} {len(paths):,}" for name, paths in datamodule.paths.items()) + f" images, {kind})")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,23 @@ def test_multirun_writes_one_directory_per_job_and_a_summary(tiny_layout, tmp_pa
     assert losses == sorted(losses)
 
 
+def test_prepare_builds_every_cache_so_training_starts_warm(tmp_path):
+    root = make_layout(tmp_path / "data", classes=CLASSES[:3])
+    res = run_cli("cifar_lightning.prepare", f"data.root={root}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    splits = ["train_1", "train_2", "train_3", "train_4", "valid", "test"]
+    assert sorted(p.name.split("-")[1] for p in root.glob(".cache-*.pt")) == sorted(splits)
+    assert "caching" in res.stderr
+    res = run_cli("cifar_lightning.train", f"data.root={root}", "trainer.max_epochs=1", "logger=none",
+                  f"hydra.run.dir={tmp_path / 'run'}", *QUICK, cwd=tmp_path)
+    assert res.returncode == 0 and "caching" not in res.stderr + res.stdout  # every split came from its cache
+    (root / "valid" / CLASSES[1] / "broken.png").write_bytes(PNG + b"torn")
+    res = run_cli("cifar_lightning.prepare", f"data.root={root}", "data.cache=false", cwd=tmp_path)
+    assert res.returncode != 0
+    last_line = res.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: {root / 'valid' / CLASSES[1] / 'broken.png'}: not a readable image")
+
+
 def test_bad_override_is_one_error_line(tmp_path):
     res = run_cli("cifar_lightning.train", "optim=nope", cwd=tmp_path)
     assert res.returncode != 0 and "Traceback" not in res.stderr
