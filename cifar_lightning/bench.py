@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import ConcatDataset, DataLoader
 from torchvision import datasets, transforms
 
-from cifar_lightning.config import check_targets, check_values, instantiate
+from cifar_lightning.config import check_targets, check_values, complete, instantiate
 from cifar_lightning.data.cache import load_split
 from cifar_lightning.data.folder import KerasImageFolder
 from cifar_lightning.data.sampler import DirectoryBatchSampler
@@ -179,7 +179,7 @@ def plain_epoch(cfg: DictConfig, data: dict, device: torch.device, batch_size: i
                for b in DirectoryBatchSampler(sizes, batch_size, cfg.fidelity.batching, cfg.seed).batches()]
     n_train, n_val = caps(len(batches), math.ceil(len(vy) / batch_size), cfg.max_steps)
     net = make_net(cfg, data["num_classes"]).to(device)
-    opt = instantiate(cfg.optim, "optim")(params=net.parameters())
+    opt = complete(instantiate(cfg.optim, "optim"), "optim", params=net.parameters())
     channels_last = bool(cfg.model.channels_last)
 
     def fmt(xb):
@@ -281,7 +281,7 @@ class PlainModule(L.LightningModule):
         self.log("val/acc", (logits.argmax(1) == y).float().mean())
 
     def configure_optimizers(self):
-        return self.optimizer(params=self.parameters())
+        return complete(self.optimizer, "optim", params=self.parameters())
 
 
 def pipeline_b(cfg: DictConfig, device: torch.device, num_classes: int) -> dict:

@@ -164,6 +164,15 @@ def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, content, message):
         load_net(tmp_path / "x.ckpt")
 
 
+@pytest.mark.parametrize("pipeline", ["a", "b"])
+def test_bench_bad_optimizer_value_is_one_error_line(tiny_layout, tmp_path, pipeline):
+    # (a) and (b) build the optimizer themselves, not through the Classifier
+    res = run_cli("cifar_lightning.bench", f"data.root={tiny_layout}", "trainer=cpu", f"pipelines=[{pipeline}]",
+                  "optim.lr=-1", "batch_sizes=[]", "fractions=[]", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == "error: optim: invalid RMSprop hyperparameters lr=-1 rho=0.9 eps=1e-07"
+
+
 def test_bench_runs_every_pipeline_and_writes_json(tiny_layout, tmp_path):
     res = run_cli("cifar_lightning.bench", f"data.root={tiny_layout}", "trainer=cpu", "max_steps=2", "warmup_steps=1",
                   "batch_sizes=[8]", "fractions=[0.5]", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
