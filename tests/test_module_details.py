@@ -121,6 +121,18 @@ def test_tta_flip_averages_probabilities_not_logits(tmp_path):
     assert (((a + b) / 2).softmax(-1) - expected).abs().max() > 1e-3  # the logit average is distinguishable
 
 
+def test_lightnings_hook_name_skips_nn_module_setattr_and_the_rest_does_not(tmp_path, monkeypatch):
+    # Lightning sets _current_fx_name ~44 times a step; Classifier sets it plainly (no Parameter/Module/
+    # Buffer checks). Every other attribute still goes through nn.Module, so submodules register.
+    module, extra = _classifier(tmp_path), nn.Linear(2, 2)
+    seen, module_setattr = [], nn.Module.__setattr__
+    monkeypatch.setattr(nn.Module, "__setattr__", lambda self, k, v: seen.append(k) or module_setattr(self, k, v))
+    module._current_fx_name = "training_step"
+    assert module._current_fx_name == "training_step" and seen == []
+    module.extra = extra
+    assert seen == ["extra"] and "extra" in module._modules and "extra.weight" in module.state_dict()
+
+
 # ---------------------------------------------------------------- Augment's ranges
 def test_augment_ranges_reach_keras_bounds(monkeypatch):
     # RandomTranslation(0.1) shifts by up to 10% of the size (0.2 in grid units, where 2 = full width),

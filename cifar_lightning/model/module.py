@@ -39,6 +39,16 @@ class Classifier(L.LightningModule):
         self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
         self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    def __setattr__(self, name: str, value) -> None:
+        # Lightning sets _current_fx_name around every hook, ~44 times a training step. nn.Module's
+        # __setattr__ first checks the value against Parameter, Module and Buffer (Python-level
+        # isinstance hooks): ~7 us a call here, 0.3 ms a step, against ~1.6 ms a step at 40,000
+        # images/s on a GPU. The value is a str or None, so a plain set does the same.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
