@@ -28,8 +28,9 @@ def one_line(exc: BaseException) -> str:
     return f"error: {text}" if text else f"error: {type(exc).__name__}"
 
 
-def cli(hydra_main: Callable[[], object]) -> None:
-    """Run a @hydra.main function; print user errors as one `error:` line and exit 2."""
+def cli(hydra_main: Callable[[], object], after_sigterm: str = "") -> None:
+    """Run a @hydra.main function; print user errors as one `error:` line and exit 2. A SIGTERM
+    during fit exits 143 with one line, plus `after_sigterm` (what the user can do next)."""
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Hydra also writes "Error executing job with overrides: [...]" before re-raising; we say it once.
     logging.getLogger("hydra.core.utils").addFilter(lambda r: not r.getMessage().startswith("Error executing job"))
@@ -46,7 +47,7 @@ def cli(hydra_main: Callable[[], object]) -> None:
         # Ctrl-C and SIGTERM end the whole process, sweeps included, after OnExceptionCheckpoint
         # saved checkpoints/interrupted.ckpt; the exit status says it did not finish.
         if type(exc).__name__ == "SIGTERMException":
-            print("error: stopped by SIGTERM; continue with resume=PATH/checkpoints/last.ckpt", file=sys.stderr)
+            print("error: stopped by SIGTERM" + (f"; {after_sigterm}" if after_sigterm else ""), file=sys.stderr)
             sys.exit(143)
         raise
     except Exception as exc:  # noqa: BLE001 - we decide below what is the user's to fix

@@ -211,4 +211,4 @@ def _main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    cli(_main)
+    cli(_main, after_sigterm="continue with resume=PATH/checkpoints/last.ckpt")

@@ -235,3 +235,24 @@ def test_a_resumed_run_also_logs_into_the_original_run_directory(tmp_path):
     assert "epoch 3 done" in (tmp_path / "new" / "train.log").read_text()
     assert "epoch 3 done" in (tmp_path / "old" / "train.log").read_text()
     assert f"resumed from {tmp_path / 'new'}" in (tmp_path / "old" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("after, line", [("continue with resume=PATH/checkpoints/last.ckpt",
+                                          "error: stopped by SIGTERM; continue with resume=PATH/checkpoints/last.ckpt"),
+                                         ("", "error: stopped by SIGTERM")])
+def test_sigterm_line_gives_the_next_step_only_where_there_is_one(monkeypatch, capsys, after, line):
+    # train can be resumed; bench (the other entry point that runs a Trainer fit) cannot
+    from cifar_lightning.errors import cli
+
+    SIGTERMException = type("SIGTERMException", (SystemExit,), {})  # Lightning's, matched by name
+    monkeypatch.setattr(sys, "argv", ["x"])
+    monkeypatch.setattr(sys, "stderr", sys.stderr)  # cli wraps both; restored after the test
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+
+    def stopped():
+        raise SIGTERMException()
+
+    with pytest.raises(SystemExit) as exc:
+        cli(stopped, after_sigterm=after)
+    assert exc.value.code == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == line
