@@ -8,48 +8,77 @@
 # OUT      where logs, bench.json and the sweep directories go (default outputs/gpu_results)
 # PARTS    comma-separated; they run in this order, most wanted first (default all):
 #            recipe  the whole default recipe, process start to exit, caches warm (prepare builds them)
-#            bench   the (a)/(b)/(c) benchmark with fp32, bf16 and torch.compile'd (c); then, on a GPU, the
-#                    CUDA tests and scripts/step_overhead.py (per-step cost, where the host waits for the GPU)
+#            bench   the (a)/(b)/(c) benchmark with fp32 and bf16 (c); then eager against torch.compile'd (c)
+#                    at fp32 (does compiling pay off?); then, on a GPU, the CUDA tests and
+#                    scripts/step_overhead.py (per-step cost, where the host waits for the GPU)
 #            seeds   3-seed multiruns of the reproduction, experiment=next and experiment=best
 # A part that fails is logged and the next one still runs; the exit status says whether any failed.
 # TRAINER=cpu and EXTRA="data.root=... trainer.max_epochs=1" let a CPU machine try the script small.
+# For a lent machine whose call has a hard limit (and may stop answering), three settings:
+#   PYTHON=python3     the interpreter (default python3: on GPU images the one that holds torch)
+#   STEP_LIMIT_S=240   each step is killed after this many seconds (then the next one runs); 0 = none
+#   SNAPSHOT=$OUT/gpu.tgz  every 20 s, and at exit, OUT's logs and small files (no checkpoints or
+#                      TensorBoard) are re-packed here, with a monitor.log of host and GPU memory, so a
+#                      call cut off midway still brings back what was done.
 set -uo pipefail
 archive=${1:?usage: bash scripts/gpu_results.sh ARCHIVE [OUT] [recipe,bench,seeds]}
 out=${2:-outputs/gpu_results}
 parts=${3:-recipe,bench,seeds}
 trainer=${TRAINER:-gpu}
+py=${PYTHON:-python3}
 read -r -a extra <<<"${EXTRA:-}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # scripts/*.py import the package without an install
 has() { [[ ",$parts," == *",$1,"* ]]; }
 failed=()
-step() {  # step NAME LOG COMMAND...: run, tee the log, remember a failure and go on
+step() {  # step NAME LOG COMMAND...: run (killed after STEP_LIMIT_S), tee the log, remember a failure, go on
   local name=$1 log=$2; shift 2
-  "$@" 2>&1 | tee "$log" || { failed+=("$name"); echo "** $name failed (see $log)"; }
+  timeout -k 10 "${STEP_LIMIT_S:-0}" "$@" 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]}
+  ((rc == 124 || rc == 137)) && echo "** $name: killed after STEP_LIMIT_S=${STEP_LIMIT_S} s" | tee -a "$log"
+  ((rc == 0)) || { failed+=("$name"); echo "** $name failed (see $log)"; }
 }
+monitor() {  # one line: time, host memory used/available (MiB), largest process RSS, GPU memory and use
+  echo "$(date +%T) host_used_MiB=$(free -m | awk 'NR==2{print $3" avail_MiB="$7}')" \
+    "top_rss_MiB=$(ps -eo rss=,comm= --sort=-rss | awk 'NR==1{print int($1/1024)"("$2")"}')" \
+    "gpu=$(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader 2>/dev/null | tr -d ' ')" \
+    >>"$out/monitor.log"
+}
+snapshot() {
+  tar czf "$SNAPSHOT.tmp" --exclude='*.ckpt' --exclude=tensorboard -C "$(dirname "$out")" "$(basename "$out")" \
+    2>/dev/null && mv -f "$SNAPSHOT.tmp" "$SNAPSHOT"
+}
+if [[ -n ${SNAPSHOT:-} ]]; then
+  (while sleep 20; do monitor; snapshot; done) &
+  trap 'kill $! 2>/dev/null; monitor; snapshot' EXIT
+fi
 
-python -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" | tee "$out/device.txt"
-python -m cifar_lightning.prepare data.source="$archive" "${extra[@]}" hydra.run.dir="$out/prepare" 2>&1 \
-  | tee "$out/prepare.log" || { echo "** prepare failed (see $out/prepare.log)"; exit 1; }
+step device "$out/device.txt" "$py" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
+step prepare "$out/prepare.log" "$py" -m cifar_lightning.prepare data.source="$archive" "${extra[@]}" hydra.run.dir="$out/prepare"
+[[ ${#failed[@]} -eq 0 ]] || exit 1  # no data, or no torch: nothing below can run
 
 if has recipe; then  # the README's "whole recipe" figure: wall seconds from process start to exit
   start=$(date +%s.%N)
-  step recipe "$out/recipe.log" python -m cifar_lightning.train trainer="$trainer" "${extra[@]}" hydra.run.dir="$out/recipe"
-  echo "whole default recipe: $(python -c "print(f'{$(date +%s.%N) - $start:.1f}')") s wall" | tee -a "$out/recipe.log"
+  step recipe "$out/recipe.log" "$py" -m cifar_lightning.train trainer="$trainer" "${extra[@]}" hydra.run.dir="$out/recipe"
+  [[ " ${failed[*]} " == *" recipe "* ]] ||  # a killed or failed recipe has no wall time to report
+    echo "whole default recipe: $("$py" -c "print(f'{$(date +%s.%N) - $start:.1f}')") s wall" | tee -a "$out/recipe.log"
 fi
 if has bench; then
-  step bench "$out/bench.log" python -m cifar_lightning.bench trainer="$trainer" 'compile_c=[false,true]' "${extra[@]}" \
-    hydra.run.dir="$out/bench"
+  # Eager first, so the (a)/(b)/(c) table exists even if the compiled run is what overruns STEP_LIMIT_S.
+  step bench "$out/bench.log" "$py" -m cifar_lightning.bench trainer="$trainer" "${extra[@]}" hydra.run.dir="$out/bench"
+  step bench_compile "$out/bench_compile.log" "$py" -m cifar_lightning.bench trainer="$trainer" 'pipelines=[c]' \
+    'compile_c=[false,true]' 'precision=[32-true]' 'batch_sizes=[]' 'fractions=[]' "${extra[@]}" \
+    hydra.run.dir="$out/bench_compile"
   if [[ $trainer == gpu ]]; then
-    step gpu_tests "$out/gpu_tests.log" python -m pytest -q tests/test_speed_options.py -k gpu  # the CUDA tests only
-    step step_overhead "$out/step_overhead.log" python scripts/step_overhead.py --size 32 --batch 64 --device cuda --sync-debug
+    step gpu_tests "$out/gpu_tests.log" "$py" -m pytest -q tests/test_speed_options.py -k gpu  # the CUDA tests only
+    step step_overhead "$out/step_overhead.log" "$py" scripts/step_overhead.py --size 32 --batch 64 --device cuda --sync-debug
   fi
 fi
 if has seeds; then  # one sweep per RESULTS.md row; each sweep directory holds summary.md and seeds.csv
   for recipe in "" experiment=next experiment=best; do
     name=${recipe#experiment=}
-    step "seeds_${name:-repro}" "$out/seeds_${name:-repro}.log" python -m cifar_lightning.train -m $recipe \
+    step "seeds_${name:-repro}" "$out/seeds_${name:-repro}.log" "$py" -m cifar_lightning.train -m $recipe \
       trainer="$trainer" seed=0,1,2 "${extra[@]}" hydra.sweep.dir="$out/seeds_${name:-repro}"
   done
 fi
