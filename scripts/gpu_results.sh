@@ -42,7 +42,7 @@ step() {  # step NAME LOG COMMAND...: run (killed after STEP_LIMIT_S), tee the l
 monitor() {  # one line: time, host memory used/available (MiB), largest process RSS, GPU memory and use
   echo "$(date +%T) host_used_MiB=$(free -m | awk 'NR==2{print $3" avail_MiB="$7}')" \
     "top_rss_MiB=$(ps -eo rss=,comm= --sort=-rss | awk 'NR==1{print int($1/1024)"("$2")"}')" \
-    "gpu=$(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader 2>/dev/null | tr -d ' ')" \
+    "gpu=$(timeout 5 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader 2>/dev/null | tr -d ' ')" \
     >>"$out/monitor.log"
 }
 snapshot() {
@@ -50,7 +50,7 @@ snapshot() {
     2>/dev/null && mv -f "$SNAPSHOT.tmp" "$SNAPSHOT"
 }
 if [[ -n ${SNAPSHOT:-} ]]; then
-  (while sleep 20; do monitor; snapshot; done) &
+  (while sleep 20; do snapshot; monitor; done) &  # snapshot first: a wedged GPU can hang nvidia-smi
   trap 'kill $! 2>/dev/null; monitor; snapshot' EXIT
 fi
 
