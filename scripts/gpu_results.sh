@@ -36,7 +36,8 @@ step() {  # step NAME LOG COMMAND...: run (killed after STEP_LIMIT_S), tee the l
   local name=$1 log=$2; shift 2
   timeout -k 10 "${STEP_LIMIT_S:-0}" "$@" 2>&1 | tee "$log"
   local rc=${PIPESTATUS[0]}
-  ((rc == 124 || rc == 137)) && echo "** $name: killed after STEP_LIMIT_S=${STEP_LIMIT_S} s" | tee -a "$log"
+  ((${STEP_LIMIT_S:-0} > 0 && (rc == 124 || rc == 137))) &&
+    echo "** $name: killed after STEP_LIMIT_S=$STEP_LIMIT_S s" | tee -a "$log"
   ((rc == 0)) || { failed+=("$name"); echo "** $name failed (see $log)"; }
 }
 monitor() {  # one line: time, host memory used/available (MiB), largest process RSS, GPU memory and use

@@ -41,3 +41,16 @@ def test_a_step_over_its_limit_is_killed_and_the_snapshot_keeps_what_was_done(ti
     assert "Epoch" in recipe_log  # training had started: the limit cut a running step, not a crashed one
     assert "whole default recipe:" not in recipe_log  # no wall time for a recipe that never finished
     assert "host_used_MiB=" in monitor_log
+
+
+def test_a_killed_step_without_a_step_limit_is_logged_and_the_script_goes_on(tmp_path):
+    # 137 is what an out-of-memory kill gives; with no STEP_LIMIT_S set, it is an ordinary failure
+    fake_python = tmp_path / "python"
+    fake_python.write_text("#!/bin/sh\nexit 137\n")
+    fake_python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "STEP_LIMIT_S"}
+    r = subprocess.run(["bash", "scripts/gpu_results.sh", "download", str(tmp_path / "gpu"), "recipe"], cwd=ROOT,
+                       env={**env, "PYTHON": str(fake_python)}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "unbound variable" not in r.stderr
+    assert "** device failed" in r.stdout and "killed after" not in r.stdout
