@@ -131,18 +131,24 @@ def with_warmup(r: dict, warmup_s: float, steps: int, val_steps: int | None = No
     return {**r, "warmup_s": round(warmup_s, 3), "one_off_s": round(warmup_s - at_pace, 3) if steps else None}
 
 
-def compile_payoff(rows: list[dict], epochs: int = 30) -> list[dict]:
-    """For each compiled (c) with an eager (c) at its precision: the extra one-off cost, the time saved
-    per full epoch, and after how many epochs compiling pays off (None: it never does)."""
-    eager = {r["precision"]: r for r in rows if r["pipeline"] == "c" and not r["variant"].endswith("+compile")}
+def compile_payoff(timed: dict, epochs: int = 30) -> list[dict]:
+    """For each compiled (c) with an eager (c) at its precision, from the runs of each round (paired by
+    round, as the ratios are): the time saved per full epoch (median of the per-round differences, so a
+    slow spell on a shared host cancels), the one-off cost (the first round's: later rounds find the
+    compiled kernels cached in this process; a negative value is noise and counts as 0), and after how
+    many epochs compiling pays off (None: it never does)."""
     out = []
-    for r in rows:
-        e = eager.get(r["precision"])
-        if r["pipeline"] == "c" and r["variant"].endswith("+compile") and e:
-            one_off, saved = r["one_off_s"] - e["one_off_s"], e["full_epoch_s_est"] - r["full_epoch_s_est"]
-            out.append({"precision": r["precision"], "one_off_s": round(one_off, 1), "saved_per_epoch_s": round(saved, 2),
-                        "pays_off_after_epochs": round(one_off / saved, 1) if saved > 0 else None,
-                        f"net_gain_{epochs}_epochs_s": round(epochs * saved - one_off, 1)})
+    for (pipeline, variant), runs in timed.items():
+        eager = timed.get((pipeline, variant.removesuffix("+compile")))
+        if pipeline != "c" or not variant.endswith("+compile") or not eager:
+            continue
+        saved_per_round = [e["full_epoch_s_est"] - r["full_epoch_s_est"] for e, r in zip(eager, runs)]
+        saved = statistics.median(saved_per_round)
+        one_off = max(0.0, runs[0]["one_off_s"] - eager[0]["one_off_s"])
+        out.append({"precision": variant.split("+")[0], "one_off_s": round(one_off, 1), "saved_per_epoch_s": round(saved, 2),
+                    "saved_per_epoch_s_per_round": [round(x, 2) for x in saved_per_round],
+                    "pays_off_after_epochs": round(one_off / saved, 1) if saved > 0 else None,
+                    f"net_gain_{epochs}_epochs_s": round(epochs * saved - one_off, 1)})
     return out
 
 
@@ -475,7 +481,7 @@ def bench(cfg: DictConfig) -> dict:
             free(device)
     rows = [{"pipeline": pl, "name": name, "variant": pr, "precision": pr.split("+")[0], **median_run(timed[pl, pr]),
              "memory": max((r["memory"] for r in timed[pl, pr]), key=lambda m: m["peak_rss_MiB"]),
-             "rounds": [{k: r[k] for k in ("epoch_s", "images_per_s")} for r in timed[pl, pr]]}
+             "rounds": [{k: r[k] for k in ("epoch_s", "images_per_s", "one_off_s")} for r in timed[pl, pr]]}
             for pl, pr, name, _ in runners]
     if "a" in cfg.pipelines:  # how the limit scales; the main run stands in for (batch_size, 1.0)
         a = median_run(timed["a", "32-true"])
@@ -501,7 +507,7 @@ def bench(cfg: DictConfig) -> dict:
     for r in rows:
         if r["pipeline"] == "c" and r is not c0:
             ratio(f"c[{r['variant']}]/c[{c0['variant']}]", ("c", r["variant"]), ("c", c0["variant"]))
-    out["compile_payoff"] = compile_payoff(rows)
+    out["compile_payoff"] = compile_payoff(timed)
     ips = {(r["pipeline"], r["variant"]): r["images_per_s"] for r in rows}
     base_ips = ips.get(("a", "32-true"))
     out.update(results=rows, ratios=ratios, ratios_per_round=per_round)
@@ -524,8 +530,10 @@ def bench(cfg: DictConfig) -> dict:
               + "; ".join(f"{k} " + " ".join(f"{q:.2f}" for q in v) for k, v in per_round.items()))
     for c in out["compile_payoff"]:
         after = c["pays_off_after_epochs"]
+        rounds = c["saved_per_epoch_s_per_round"]
         print(f"torch.compile at {c['precision']}: one-off {c['one_off_s']:.1f} s, saves {c['saved_per_epoch_s']:.2f} s "
-              f"per full epoch: " + (f"pays off after {after:.1f} epochs" if after is not None else "never pays off")
+              "per full epoch" + (f" (per round: {' '.join(f'{x:.2f}' for x in rounds)})" if len(rounds) > 1 else "")
+              + ": " + (f"pays off after {after:.1f} epochs" if after is not None else "never pays off")
               + f"; net over 30 epochs {c['net_gain_30_epochs_s']:+.1f} s")
     for note in out["notes"]:
         print(note)

@@ -211,15 +211,26 @@ def test_bench_interleaved_rounds_report_median_and_paired_ratios(tiny_layout, t
 
 def test_bench_compile_payoff_arithmetic():
     from cifar_lightning.bench import compile_payoff
-    rows = [{"pipeline": "a", "variant": "32-true", "precision": "32-true", "one_off_s": 0.5, "full_epoch_s_est": 50.0},
-            {"pipeline": "c", "variant": "32-true", "precision": "32-true", "one_off_s": 1.0, "full_epoch_s_est": 60.0},
-            {"pipeline": "c", "variant": "32-true+compile", "precision": "32-true", "one_off_s": 41.0,
-             "full_epoch_s_est": 56.0}]
-    (p,) = compile_payoff(rows)
-    assert p == {"precision": "32-true", "one_off_s": 40.0, "saved_per_epoch_s": 4.0, "pays_off_after_epochs": 10.0,
-                 "net_gain_30_epochs_s": 80.0}
-    rows[2]["full_epoch_s_est"] = 61.0  # slower compiled: never pays off
-    assert compile_payoff(rows)[0]["pays_off_after_epochs"] is None
+
+    def runs(*pairs):  # (one_off_s, full_epoch_s_est) per round
+        return [{"one_off_s": o, "full_epoch_s_est": e} for o, e in pairs]
+
+    timed = {("a", "32-true"): runs((0.5, 50.0)), ("c", "32-true"): runs((1.0, 60.0)),
+             ("c", "32-true+compile"): runs((41.0, 56.0))}
+    (p,) = compile_payoff(timed)
+    assert p == {"precision": "32-true", "one_off_s": 40.0, "saved_per_epoch_s": 4.0, "saved_per_epoch_s_per_round": [4.0],
+                 "pays_off_after_epochs": 10.0, "net_gain_30_epochs_s": 80.0}
+    timed["c", "32-true+compile"] = runs((41.0, 61.0))  # slower compiled: never pays off
+    assert compile_payoff(timed)[0]["pays_off_after_epochs"] is None
+    # Rounds pair up, as the ratios do: the saving is the median of the per-round differences
+    # (+2, -11, +1 -> +1), not the difference of the rows' medians (70 - 79 = -9, "never pays off").
+    timed["c", "32-true"] = runs((1.0, 60.0), (1.0, 70.0), (1.0, 80.0))
+    timed["c", "32-true+compile"] = runs((21.0, 58.0), (0.5, 81.0), (0.4, 79.0))
+    (p,) = compile_payoff(timed)
+    assert p["saved_per_epoch_s_per_round"] == [2.0, -11.0, 1.0] and p["saved_per_epoch_s"] == 1.0
+    assert p["one_off_s"] == 20.0 and p["pays_off_after_epochs"] == 20.0  # the first round's compile
+    timed["c", "32-true+compile"][0]["one_off_s"] = 0.2  # below eager's: noise, not a negative cost
+    assert compile_payoff(timed)[0]["one_off_s"] == 0.0 and compile_payoff(timed)[0]["pays_off_after_epochs"] == 0.0
 
 
 @pytest.mark.slow  # compiles the network on the CPU: a minute or more
