@@ -144,7 +144,8 @@ def compile_payoff(timed: dict, epochs: int = 30) -> list[dict]:
             continue
         saved_per_round = [e["full_epoch_s_est"] - r["full_epoch_s_est"] for e, r in zip(eager, runs)]
         saved = statistics.median(saved_per_round)
-        one_off = max(0.0, runs[0]["one_off_s"] - eager[0]["one_off_s"])
+        # warmup_steps=0 leaves eager with no warm-up to measure (None): its one-off is in its epoch
+        one_off = max(0.0, runs[0]["one_off_s"] - (eager[0]["one_off_s"] or 0.0))
         out.append({"precision": variant.split("+")[0], "one_off_s": round(one_off, 1), "saved_per_epoch_s": round(saved, 2),
                     "saved_per_epoch_s_per_round": [round(x, 2) for x in saved_per_round],
                     "pays_off_after_epochs": round(one_off / saved, 1) if saved > 0 else None,

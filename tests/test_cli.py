@@ -231,6 +231,8 @@ def test_bench_compile_payoff_arithmetic():
     assert p["one_off_s"] == 20.0 and p["pays_off_after_epochs"] == 20.0  # the first round's compile
     timed["c", "32-true+compile"][0]["one_off_s"] = 0.2  # below eager's: noise, not a negative cost
     assert compile_payoff(timed)[0]["one_off_s"] == 0.0 and compile_payoff(timed)[0]["pays_off_after_epochs"] == 0.0
+    timed["c", "32-true"][0]["one_off_s"] = None  # warmup_steps=0: eager had no warm-up to measure
+    assert compile_payoff(timed)[0]["one_off_s"] == 0.2
 
 
 @pytest.mark.slow  # compiles the network on the CPU: a minute or more
