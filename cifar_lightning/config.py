@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra._internal.utils import _locate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cifar_lightning.errors import UserError
 
@@ -59,11 +60,54 @@ def check_targets(node: Any, key: str = "") -> None:
             check_targets(v, path)
 
 
-# Values a run reads as numbers or names, checked before anything starts, so `data.batch_size=abc`
-# is one error line naming the key instead of a traceback from deep in Lightning or the sampler.
-INTEGERS_AT_LEAST = {"seed": 0, "data.batch_size": 1, "data.image_size": 1, "data.num_workers": 0,
-                     "trainer.max_epochs": -1, "trainer.log_every_n_steps": 1, "scheduler.patience": 0,
-                     "callbacks.early_stopping.patience": 0}
+# What each value must be, checked before anything starts, so `model.dropout=abc` or `test=no` is one
+# error line naming the key instead of a traceback from deep in Lightning (or, for `test=no`, a truthy
+# string that silently runs the test phase). A key a config lacks, or sets to null, is skipped.
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def whole(low: int) -> tuple:
+    return (lambda v: _is_int(v) and v >= low), f"must be a whole number >= {low}"
+
+
+def number(low: float, high: float = math.inf, *, above: bool = False, below: bool = False) -> tuple:
+    """A number in [low, high]; above/below make that end open."""
+    ok = lambda v: _is_number(v) and (v > low if above else v >= low) and (v < high if below else v <= high)  # noqa: E731
+    span = f"{'(' if above else '['}{low}, {high}{')' if below else ']'}" if high != math.inf else \
+        f"{'>' if above else '>='} {low}"
+    return ok, f"must be a number {'in ' if high != math.inf else ''}{span}"
+
+
+def one_of(*options: str) -> tuple:
+    return (lambda v: v in options), f"is not one of: {', '.join(options)}"
+
+
+BOOLEAN = (lambda v: isinstance(v, bool)), "must be true or false"
+WHOLE_LIST = (lambda v: OmegaConf.is_list(v) and len(v) > 0 and all(_is_int(w) and w >= 1 for w in v),
+              "must be a list of whole numbers >= 1, e.g. [32,64,128]")
+AUGMENT = (lambda v: v is None or (OmegaConf.is_dict(v) and set(v) <= {"flip", "rotation_deg", "zoom", "translate"}
+                                   and all(isinstance(x, bool) if k == "flip" else _is_number(x) and x >= 0
+                                           for k, x in v.items())),
+           "must be null or {flip: true|false, rotation_deg: N, zoom: N, translate: N} with numbers >= 0")
+
+RULES = {
+    "seed": whole(0), "test": BOOLEAN, "monitor": one_of("val/loss", "val/acc"), "monitor_mode": one_of("min", "max"),
+    "data.batch_size": whole(1), "data.image_size": whole(1), "data.num_workers": whole(0),
+    "data.cache": BOOLEAN, "data.skip_bad_files": BOOLEAN,
+    "model.widths": WHOLE_LIST, "model.hidden": whole(1), "model.dropout": number(0, 1, below=True),
+    "model.num_classes": whole(1), "model.bn_momentum": number(0, 1), "model.bn_eps": number(0, above=True),
+    "model.channels_last": BOOLEAN, "model.compile": BOOLEAN, "model.l2": number(0),
+    "model.label_smoothing": number(0, 1, below=True), "model.tta_flip": BOOLEAN, "model.augment": AUGMENT,
+    "optim.eps_inside_root": BOOLEAN,
+    "trainer.max_epochs": ((lambda v: _is_int(v) and (v == -1 or v >= 1)), "must be -1 (no limit) or a whole number >= 1"),
+    "trainer.log_every_n_steps": whole(1), "scheduler.patience": whole(0),
+    "callbacks.early_stopping.patience": whole(0),
+}
 TEXT_KEYS = {"_target_", "mode", "counting", "interval"}  # the only optim/scheduler keys that hold text
 
 
@@ -77,7 +121,7 @@ def _typed_key(cfg: DictConfig, key: str) -> str:
     return value[2:-1] if value.startswith("${") and value.endswith("}") else key
 
 
-def _choices() -> dict[str, tuple[str, ...]]:
+def _choices() -> dict[str, tuple]:
     """Keys that name an option, and the options, from the modules that use them (imported here:
     schedule imports this module)."""
     from cifar_lightning.data.folder import RESIZES
@@ -85,21 +129,21 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from cifar_lightning.model.net import INITS
     from cifar_lightning.model.schedule import COUNTINGS
 
-    return {"model.init": INITS, "scheduler.counting": COUNTINGS, "fidelity.batching": BATCHINGS,
-            "fidelity.resize": RESIZES}
+    return {"model.init": one_of(*INITS), "scheduler.counting": one_of(*COUNTINGS),
+            "fidelity.batching": one_of(*BATCHINGS), "fidelity.resize": one_of(*RESIZES)}
 
 
-def check_values(cfg: DictConfig) -> None:
-    """Raise UserError naming the key of a value of the wrong kind."""
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    for key, low in INTEGERS_AT_LEAST.items():
+def _shown(v: Any) -> str:
+    return str(OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v)
+
+
+def check_values(cfg: DictConfig, extra_rules: dict | None = None) -> None:
+    """Raise UserError naming the key of a value of the wrong kind (RULES, plus the entry point's own)."""
+    for key, (ok, must) in {**RULES, **_choices(), **(extra_rules or {})}.items():
         v = OmegaConf.select(cfg, key, default=None)
-        if v is not None and not (is_int(v) and v >= low):
-            raise UserError(f"{_typed_key(cfg, key)}={v}: must be a whole number >= {low}")
-    for key, options in _choices().items():
-        v = OmegaConf.select(cfg, key, default=None)
-        if v is not None and v not in options:
-            raise UserError(f"{_typed_key(cfg, key)}={v} is not one of: {', '.join(options)}")
+        if v is not None and not ok(v):  # null: absent, or left to the code's own default
+            sep = " " if must.startswith("is ") else ": "
+            raise UserError(f"{_typed_key(cfg, key)}={_shown(v)}{sep}{must}")
     for group in ("optim", "scheduler"):
         for k, v in (OmegaConf.select(cfg, group, default=None) or {}).items():
             if isinstance(v, str) and k not in TEXT_KEYS:

@@ -130,8 +130,9 @@ def plot_roc(logits, labels, class_names):
     return fig
 
 
-def plot_history(rows: list[dict], reference: list[dict] | None = None, reference_name: str = "notebook"):
-    """Accuracy and loss per epoch, train against validation; LR drops and the best epoch marked."""
+def plot_history(rows: list[dict], reference: list[dict] | None = None, reference_name: str = "notebook",
+                 monitor: str = "val/loss", mode: str = "min"):
+    """Accuracy and loss per epoch, train against validation; LR drops and the best epoch (by monitor) marked."""
     f = lambda r, k: float(r[k]) if r.get(k) not in (None, "") else math.nan  # noqa: E731
     epochs = [int(r["epoch"]) for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -151,7 +152,7 @@ def plot_history(rows: list[dict], reference: list[dict] | None = None, referenc
             for i in range(1, len(ref_rows)):
                 if lrs[i] < lrs[i - 1]:
                     ax.axvline(int(ref_rows[i - 1]["epoch"]) + 0.5, c=cut_color, ls=":", lw=1)
-        best = best_epoch(rows)
+        best = best_epoch(rows, monitor, mode)
         if best:
             ax.axvline(best, c="green", ls="--", lw=1, label=f"best epoch {best}")
         ax.set_xlabel("epoch"), ax.set_ylabel(what), ax.grid(alpha=.3)
@@ -162,13 +163,15 @@ def plot_history(rows: list[dict], reference: list[dict] | None = None, referenc
     return fig
 
 
-def best_epoch(rows: list[dict]) -> int | None:
-    """First epoch with the lowest finite val_loss (Keras counts only strict improvements)."""
-    best, best_loss = None, math.inf
+def best_epoch(rows: list[dict], monitor: str = "val/loss", mode: str = "min") -> int | None:
+    """First epoch with the best finite `monitor` (history.csv's column: val/loss -> val_loss), as
+    ModelCheckpoint picks best.ckpt; Keras, too, counts only strict improvements."""
+    column, sign = monitor.replace("/", "_"), (1 if mode == "min" else -1)
+    best, best_value = None, math.inf
     for r in rows:
-        v = float(r["val_loss"]) if r.get("val_loss") not in (None, "") else math.nan
-        if math.isfinite(v) and v < best_loss:
-            best, best_loss = int(r["epoch"]), v
+        v = float(r[column]) if r.get(column) not in (None, "") else math.nan
+        if math.isfinite(v) and sign * v < best_value:
+            best, best_value = int(r["epoch"]), sign * v
     return best
 
 

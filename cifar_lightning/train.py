@@ -142,20 +142,20 @@ def train(cfg: DictConfig) -> dict:
     train_seconds = time.perf_counter() - t0  # Ctrl-C and SIGTERM leave fit() by SystemExit (errors.cli)
 
     rows = history.rows
-    best = best_epoch(rows)
+    best = best_epoch(rows, cfg.monitor, cfg.monitor_mode)  # the epoch of best.ckpt
     # best.ckpt: the checkpoint callback that follows the monitor (last.ckpt's has none)
     best_ckpt = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor == cfg.monitor), "")
     if best is None:  # Lightning keeps a non-finite first epoch as best.ckpt (score inf): drop it
         if best_ckpt:
             Path(best_ckpt).unlink(missing_ok=True)
-        raise UserError(f"training diverged: no epoch had a finite val/loss, no best checkpoint kept "
+        raise UserError(f"training diverged: no epoch had a finite {cfg.monitor}, no best checkpoint kept "
                         f"(try a lower optim.lr than {cfg.optim.lr})")
     best_row = next(r for r in rows if r["epoch"] == best)
     metrics = {"trainable_params": trainable, "non_trainable_params": stats, "best_epoch": best,
                "best_val_loss": best_row["val_loss"], "best_val_acc": best_row["val_acc"],
                "epochs_run": len(rows), "train_seconds": round(train_seconds, 2)}
     if trainer.is_global_zero:
-        fig = plot_history(rows)
+        fig = plot_history(rows, monitor=cfg.monitor, mode=cfg.monitor_mode)
         if logger:
             logger.experiment.add_figure("training_curves", fig, close=False)
         save_figure(fig, run_dir / "training_curves.png")
@@ -207,7 +207,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _main(cfg: DictConfig) -> float:
-    return train(cfg)["best_val_loss"]  # the monitored value, for sweepers
+    return train(cfg)["best_" + cfg.monitor.replace("/", "_")]  # the monitored value, for sweepers
 
 
 if __name__ == "__main__":

@@ -96,11 +96,31 @@ def test_command_line_check_passes_allowed_targets_and_deletions():
 @pytest.mark.parametrize("override,message", [
     ("data.batch_size=abc", "data.batch_size=abc: must be a whole number >= 1"),
     ("data.batch_size=0", "data.batch_size=0: must be a whole number >= 1"),
-    ("trainer.max_epochs=abc", "trainer.max_epochs=abc: must be a whole number >= -1"),
+    ("trainer.max_epochs=abc", "trainer.max_epochs=abc: must be -1 (no limit) or a whole number >= 1"),
     ("fidelity.init=bogus", "fidelity.init=bogus is not one of: glorot, torch"),  # the key typed, not model.init
     ("optim.eps=abc", "optim.eps=abc: must be a number"),
     ("fidelity.rmsprop_eps=abc", "fidelity.rmsprop_eps=abc: must be a number"),
     ("scheduler.factor=x", "scheduler.factor=x: must be a number"),
+    ("trainer.max_epochs=0", "trainer.max_epochs=0: must be -1 (no limit) or a whole number >= 1"),
+    ("model.dropout=abc", "model.dropout=abc: must be a number in [0, 1)"),
+    ("model.dropout=1.5", "model.dropout=1.5: must be a number in [0, 1)"),
+    ("model.hidden=abc", "model.hidden=abc: must be a whole number >= 1"),
+    ("model.widths=abc", "model.widths=abc: must be a list of whole numbers >= 1, e.g. [32,64,128]"),
+    ("model.widths=[32,0,128]", "model.widths=[32, 0, 128]: must be a list of whole numbers >= 1, e.g. [32,64,128]"),
+    ("fidelity.bn_eps=abc", "fidelity.bn_eps=abc: must be a number > 0"),  # the key typed, not model.bn_eps
+    ("model.l2=-1", "model.l2=-1: must be a number >= 0"),
+    ("model.label_smoothing=abc", "model.label_smoothing=abc: must be a number in [0, 1)"),
+    ("model.augment=abc", "model.augment=abc: must be null or {flip: true|false, rotation_deg: N, zoom: N, "
+                          "translate: N} with numbers >= 0"),
+    ("model.augment={flip:true,shear:3}", "model.augment={'flip': True, 'shear': 3}: must be null or {flip: "
+                                          "true|false, rotation_deg: N, zoom: N, translate: N} with numbers >= 0"),
+    # Any string is truthy: `test=no` would run the test phase, `data.skip_bad_files=no` would skip files.
+    ("test=no", "test=no: must be true or false"),
+    ("data.skip_bad_files=no", "data.skip_bad_files=no: must be true or false"),
+    ("data.cache=off", "data.cache=off: must be true or false"),
+    ("model.compile=yes", "model.compile=yes: must be true or false"),
+    ("monitor=val/accc", "monitor=val/accc is not one of: val/loss, val/acc"),
+    ("monitor_mode=bogus", "monitor_mode=bogus is not one of: min, max"),
 ])
 def test_a_value_of_the_wrong_kind_is_named_before_anything_runs(override, message, tmp_path):
     from cifar_lightning.train import train

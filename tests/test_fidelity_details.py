@@ -137,6 +137,14 @@ def test_best_epoch_keeps_the_first_of_tied_val_losses():
     assert best_epoch([{"epoch": 1, "val_loss": 1.0}, {"epoch": 2, "val_loss": 1.0}]) == 1  # as History keeps them
 
 
+def test_best_epoch_follows_the_monitor_and_its_mode():
+    rows = [{"epoch": 1, "val_loss": 1.0, "val_acc": 0.5}, {"epoch": 2, "val_loss": 0.9, "val_acc": 0.4},
+            {"epoch": 3, "val_loss": 1.1, "val_acc": 0.6}, {"epoch": 4, "val_loss": 1.2, "val_acc": 0.6}]
+    assert best_epoch(rows) == 2
+    assert best_epoch(rows, "val/acc", "max") == 3  # the first of the tied best
+    assert best_epoch(rows, "val/acc", "min") == 2
+
+
 def test_best_epoch_of_the_notebook_log_is_13():
     # report.best_epoch itself, on the notebook's val_loss log (test_schedule checks the list by hand).
     rows = [{"epoch": e, "val_loss": v} for e, v in enumerate(NOTEBOOK_VAL_LOSS, start=1)]

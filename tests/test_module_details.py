@@ -279,3 +279,19 @@ def test_pick_device_auto_follows_cuda_availability(monkeypatch):
     assert pick_device("auto") == torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto") == torch.device("cpu")
+
+
+def test_monitor_val_acc_reports_the_epoch_of_the_checkpoint_it_tested(tiny_layout, tmp_path):
+    # best_epoch, best_val_* and the value returned to sweepers follow `monitor`, as best.ckpt does
+    import torch
+
+    from cifar_lightning.train import train
+
+    m = train(cfg_for(tmp_path, tiny_layout, "trainer.max_epochs=3", "data.batch_size=8", "seed=1",
+                      "monitor=val/acc", "monitor_mode=max", *FAST))
+    with open(tmp_path / "history.csv") as f:
+        hist = list(csv.DictReader(f))
+    best = max(hist, key=lambda r: (float(r["val_acc"]), -int(r["epoch"])))  # the first of the highest
+    ckpt = torch.load(tmp_path / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert m["best_epoch"] == int(best["epoch"]) == ckpt["epoch"] + 1
+    assert m["best_val_acc"] == pytest.approx(float(best["val_acc"]))

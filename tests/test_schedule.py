@@ -35,7 +35,28 @@ def test_keras_counting_reproduces_the_notebook(tmp_path):
     assert cuts == [8, 12, 16, 19]
     assert [round(lr, 12) for lr in lrs] == [1e-4, 1e-5, 1e-6, 1e-7]
     assert stopped_after == 19
-    assert min(range(19), key=lambda i: NOTEBOOK_VAL_LOSS[i]) + 1 == 13  # best epoch
+
+
+def keras_cuts(losses: list[float], patience: int, min_delta: float = 1e-4) -> list[int]:
+    """Keras's ReduceLROnPlateau.on_epoch_end (cooldown 0): the epochs after which it cuts."""
+    best, wait, cuts = float("inf"), 0, []
+    for epoch, loss in enumerate(losses, start=1):
+        if loss < best - min_delta:
+            best, wait = loss, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                cuts.append(epoch)
+                wait = 0
+    return cuts
+
+
+@pytest.mark.parametrize("patience", [0, 1, 2, 3, 5])
+def test_keras_counting_matches_keras_for_every_patience(patience, tmp_path):
+    # patience 0 must not become torch patience -1, which cuts on every epoch, improving ones too
+    cuts, _, _ = replay(cfg_for(tmp_path, tmp_path, f"scheduler.patience={patience}"))
+    assert cuts == keras_cuts(NOTEBOOK_VAL_LOSS, patience)
+    assert 1 not in cuts  # the first epoch always improves
 
 
 def test_torch_counting_differs(tmp_path):

@@ -22,18 +22,20 @@ def build_scheduler(cfg: dict, optimizer, total_steps) -> tuple[object, str]:
 def reduce_on_plateau(optimizer, mode: str = "min", factor: float = 0.1, patience: int = 3,
                       min_delta: float = 1e-4, counting: str = "keras"):
     """Keras counts `wait` up each epoch without improvement and cuts when wait >= patience;
-    torch cuts when num_bad_epochs > patience. So Keras patience 3 is torch patience 2.
+    torch cuts when num_bad_epochs > patience. So Keras patience 3 is torch patience 2. Keras
+    patience 0 cuts, like 1, on each epoch without improvement (wait 1 >= 0), never on an improving
+    one: torch patience 0, not -1 (which would cut every epoch).
     Keras's min_delta is absolute: improvement means val_loss < best - min_delta.
     counting="torch" gives torch's own rule: its patience, relative threshold."""
-    if counting == "keras":
-        torch_patience, threshold_mode = patience - 1, "abs"
+    if counting == "keras":  # eps=0: Keras cuts however small the LR; torch stops below a 1e-8 change
+        torch_patience, threshold_mode, eps = max(patience - 1, 0), "abs", 0.0
     elif counting == "torch":  # PyTorch's own defaults: its counting, relative threshold
-        torch_patience, threshold_mode = patience, "rel"
+        torch_patience, threshold_mode, eps = patience, "rel", 1e-8
     else:
         raise UserError(f"scheduler.counting={counting} is not one of: {', '.join(COUNTINGS)}")
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode=mode, factor=factor, patience=torch_patience,
-        threshold=min_delta, threshold_mode=threshold_mode, cooldown=0, min_lr=0.0)
+        threshold=min_delta, threshold_mode=threshold_mode, cooldown=0, min_lr=0.0, eps=eps)
 
 
 def one_cycle(optimizer, max_lr: float, total_steps: int, pct_start: float = 0.25,
