@@ -40,6 +40,10 @@ def cli(hydra_main: Callable[[], object], after_sigterm: str = "") -> None:
     try:
         from cifar_lightning.config import check_override_targets
 
+        # Hydra's --experimental-rerun unpickles the file it is given: code, if the file is hostile.
+        if any(a.split("=")[0] == "--experimental-rerun" for a in sys.argv[1:]):
+            raise UserError("--experimental-rerun is refused: it unpickles its file, which could run code; "
+                            "rerun with the overrides in RUN/.hydra/overrides.yaml instead")
         check_override_targets(sys.argv[1:])
         hydra_main()
     except SystemExit as exc:

@@ -153,6 +153,20 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("module", ["cifar_lightning.train", "cifar_lightning.predict"])
+def test_hydra_experimental_rerun_is_refused_before_it_unpickles(tmp_path, monkeypatch, module):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PWNED_MARKER", str(marker))
+    (tmp_path / "config.pickle").write_bytes(pickle.dumps(RunsCode()))
+    for args in (["--experimental-rerun", "config.pickle"], ["--experimental-rerun=config.pickle"]):
+        res = run_cli(module, *args, cwd=tmp_path)
+        assert res.returncode == 2 and "Traceback" not in res.stderr
+        assert res.stderr.strip().splitlines()[-1].startswith("error: --experimental-rerun is refused")
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("content,message", [
     (b"hello, not a checkpoint\n", r"x.ckpt: not a checkpoint \(KeyError: 101\)$"),
     (b"x\n", r"x.ckpt: not a checkpoint \(Unsupported operand 120\)$"),  # torch's reason, not its advice
