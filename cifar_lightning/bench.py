@@ -44,11 +44,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import ConcatDataset, DataLoader
 from torchvision import datasets, transforms
 
-from cifar_lightning.config import check_targets, check_values, complete, instantiate
+from cifar_lightning.config import (BOOLEAN, check_targets, check_values, complete, instantiate, list_of,
+                                    number, one_of, whole)
 from cifar_lightning.data.cache import load_split
 from cifar_lightning.data.folder import KerasImageFolder
 from cifar_lightning.data.sampler import DirectoryBatchSampler
-from cifar_lightning.errors import UserError, cli
+from cifar_lightning.errors import cli
 from cifar_lightning.model.module import Classifier
 from cifar_lightning.model.net import build_net
 from cifar_lightning.report import write_json
@@ -398,16 +399,15 @@ def machine(device: torch.device) -> dict:
 
 
 # ---------------------------------------------------------------- main
+BENCH_RULES = {"pipelines": list_of(one_of("a", "b", "c"), "[a,b,c]"), "rounds": whole(1), "max_steps": whole(1),
+               "warmup_steps": whole(0), "batch_sizes": list_of(whole(1), "[64,256]", empty_ok=True),
+               "fractions": list_of(number(0, 1, above=True), "[0.25,0.5,1.0]", empty_ok=True),
+               "compile_c": list_of(BOOLEAN, "[false,true]"), "threads": whole(1)}
+
+
 def bench(cfg: DictConfig) -> dict:
     check_targets(cfg)
-    check_values(cfg)
-    unknown = set(cfg.pipelines) - {"a", "b", "c"}
-    if unknown:
-        raise UserError(f"pipelines: {sorted(unknown)} unknown (choose from a, b, c)")
-    if cfg.rounds < 1:
-        raise UserError(f"rounds={cfg.rounds}: must be 1 or more")
-    if any(not 0 < f <= 1 for f in cfg.fractions):
-        raise UserError(f"fractions={list(cfg.fractions)}: each must be in (0, 1]")
+    check_values(cfg, BENCH_RULES)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("high")  # as train: TF32 where the GPU has it

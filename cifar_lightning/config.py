@@ -88,8 +88,13 @@ def one_of(*options: str) -> tuple:
 
 
 BOOLEAN = (lambda v: isinstance(v, bool)), "must be true or false"
-WHOLE_LIST = (lambda v: OmegaConf.is_list(v) and len(v) > 0 and all(_is_int(w) and w >= 1 for w in v),
-              "must be a list of whole numbers >= 1, e.g. [32,64,128]")
+def list_of(rule: tuple, example: str, empty_ok: bool = False) -> tuple:
+    ok, must = rule
+    return ((lambda v: OmegaConf.is_list(v) and (empty_ok or len(v) > 0) and all(ok(w) for w in v)),
+            f"must be a list like {example}; each item {must.replace('is not one of', 'must be one of')}")
+
+
+WHOLE_LIST = list_of(whole(1), "[32,64,128]")
 AUGMENT = (lambda v: v is None or (OmegaConf.is_dict(v) and set(v) <= {"flip", "rotation_deg", "zoom", "translate"}
                                    and all(isinstance(x, bool) if k == "flip" else _is_number(x) and x >= 0
                                            for k, x in v.items())),

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from cifar_lightning.config import check_values, one_of, whole
 from cifar_lightning.data.folder import KerasImageFolder
 from cifar_lightning.errors import UserError, cli
 from cifar_lightning.model.checkpoint import load_net
@@ -40,9 +41,15 @@ def match_classes(folder: list[str], ckpt: list[str]) -> tuple[list[int], str]:
                     f"only in checkpoint {sorted(b - a)}")
 
 
+# evaluate's and predict's own values, checked (with the shared ones, fidelity.resize) before the checkpoint loads
+RULES = {"batch_size": whole(1), "top_k": whole(1), "device": one_of("auto", "cpu", "cuda")}
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda: no CUDA GPU is usable here; use device=cpu or device=auto")
     return torch.device(name)
 
 
@@ -54,6 +61,8 @@ def predict_logits(net, images: torch.Tensor, batch_size: int, device: torch.dev
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    check_values(cfg, RULES)
+    device = pick_device(cfg.device)
     net, class_names, hp = load_net(cfg.ckpt_path)
     size = int(hp.get("image_size", 32))
     folder = KerasImageFolder(cfg.eval_dir, size, cfg.fidelity.resize)
@@ -62,7 +71,7 @@ def evaluate(cfg: DictConfig) -> dict:
     with tqdm(folder.samples, desc="decoding", unit="img") as samples:  # closed before an error line
         images = torch.stack([folder.loader(p) for p, _ in samples])
     labels = torch.tensor([index[t] for t in folder.targets])
-    logits = predict_logits(net, images, cfg.batch_size, pick_device(cfg.device))
+    logits = predict_logits(net, images, cfg.batch_size, device)
     run_dir = Path(cfg.run_dir)
     metrics = write_evaluation(run_dir, logits, labels, [p for p, _ in folder.samples], class_names,
                                extra={"ckpt_path": str(cfg.ckpt_path), "eval_dir": str(cfg.eval_dir)})

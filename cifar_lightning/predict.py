@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 
 from cifar_lightning.data.folder import EXTENSIONS, decode
 from cifar_lightning.errors import UserError, cli
-from cifar_lightning.evaluate import pick_device, predict_logits
+from cifar_lightning.config import check_values
+from cifar_lightning.evaluate import RULES, pick_device, predict_logits
 from cifar_lightning.model.checkpoint import load_net
 from cifar_lightning.report import short_name, write_csv
 
@@ -40,6 +41,8 @@ def find_inputs(spec: str) -> list[Path]:
 
 
 def predict(cfg: DictConfig) -> list[dict]:
+    check_values(cfg, RULES)
+    device = pick_device(cfg.device)
     net, class_names, hp = load_net(cfg.ckpt_path)
     size = int(hp.get("image_size", 32))
     paths, images = [], []
@@ -51,8 +54,8 @@ def predict(cfg: DictConfig) -> list[dict]:
             log.warning(f"skipped {exc}")
     if not images:
         raise UserError(f"inputs={cfg.inputs}: none of the files is a readable image")
-    probs = predict_logits(net, torch.stack(images), cfg.batch_size, pick_device(cfg.device)).softmax(-1)
-    k = min(int(cfg.top_k), len(class_names))
+    probs = predict_logits(net, torch.stack(images), cfg.batch_size, device).softmax(-1)
+    k = min(cfg.top_k, len(class_names))
     top_p, top_i = probs.topk(k, dim=-1)
     rows = []
     for path, ps, ix in zip(paths, top_p.tolist(), top_i.tolist()):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cifar_lightning.config import CONF_DIR, check_override_targets, check_targets, check_values, instantiate
+from cifar_lightning.config import CONF_DIR, check_override_targets, check_targets, check_values, compose, instantiate
 from cifar_lightning.errors import UserError
 from cifar_lightning.model.schedule import build_scheduler
 from tests.conftest import cfg_for
@@ -105,8 +105,8 @@ def test_command_line_check_passes_allowed_targets_and_deletions():
     ("model.dropout=abc", "model.dropout=abc: must be a number in [0, 1)"),
     ("model.dropout=1.5", "model.dropout=1.5: must be a number in [0, 1)"),
     ("model.hidden=abc", "model.hidden=abc: must be a whole number >= 1"),
-    ("model.widths=abc", "model.widths=abc: must be a list of whole numbers >= 1, e.g. [32,64,128]"),
-    ("model.widths=[32,0,128]", "model.widths=[32, 0, 128]: must be a list of whole numbers >= 1, e.g. [32,64,128]"),
+    ("model.widths=abc", "model.widths=abc: must be a list like [32,64,128]; each item must be a whole number >= 1"),
+    ("model.widths=[32,0,128]", "model.widths=[32, 0, 128]: must be a list like [32,64,128]; each item must be a whole number >= 1"),
     ("fidelity.bn_eps=abc", "fidelity.bn_eps=abc: must be a number > 0"),  # the key typed, not model.bn_eps
     ("model.l2=-1", "model.l2=-1: must be a number >= 0"),
     ("model.label_smoothing=abc", "model.label_smoothing=abc: must be a number in [0, 1)"),
@@ -133,3 +133,42 @@ def test_a_value_of_the_wrong_kind_is_named_before_anything_runs(override, messa
 @pytest.mark.parametrize("group,option", OPTIONS)
 def test_every_option_passes_the_value_check(group, option, tmp_path):
     check_values(cfg_for(tmp_path, tmp_path, f"{group}={option}"))
+
+
+@pytest.mark.parametrize("entry,override,message", [
+    ("evaluate", "batch_size=0", "batch_size=0: must be a whole number >= 1"),
+    ("evaluate", "device=tpu", "device=tpu is not one of: auto, cpu, cuda"),
+    ("evaluate", "fidelity.resize=bogus", "fidelity.resize=bogus is not one of: tf_bilinear, pil_bilinear"),
+    ("predict", "top_k=0", "top_k=0: must be a whole number >= 1"),
+    ("predict", "top_k=abc", "top_k=abc: must be a whole number >= 1"),
+    ("predict", "batch_size=abc", "batch_size=abc: must be a whole number >= 1"),
+    ("bench", "rounds=abc", "rounds=abc: must be a whole number >= 1"),
+    ("bench", "max_steps=0", "max_steps=0: must be a whole number >= 1"),
+    ("bench", "batch_sizes=[0]", "batch_sizes=[0]: must be a list like [64,256]; each item must be a whole number >= 1"),
+    ("bench", "pipelines=[a,d]", "pipelines=['a', 'd']: must be a list like [a,b,c]; each item must be one of: a, b, c"),
+    ("bench", "fractions=[0]", "fractions=[0]: must be a list like [0.25,0.5,1.0]; each item must be a number in (0, 1]"),
+    ("bench", "compile_c=[no]", "compile_c=['no']: must be a list like [false,true]; each item must be true or false"),
+])
+def test_evaluate_predict_and_bench_check_their_own_values_first(entry, override, message, tmp_path):
+    from cifar_lightning.bench import bench
+    from cifar_lightning.evaluate import evaluate
+    from cifar_lightning.predict import predict
+
+    run = {"evaluate": evaluate, "predict": predict, "bench": bench}[entry]
+    given = {"evaluate": ["ckpt_path=no.ckpt", "eval_dir=none"], "predict": ["ckpt_path=no.ckpt", "inputs=none"],
+             "bench": [f"data.root={tmp_path / 'no_data'}"]}[entry]
+    cfg = compose([f"run_dir={tmp_path / 'run'}", *given, override], config_name=entry)
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):  # before the missing checkpoint or data
+        run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_device_cuda_without_a_gpu_is_one_error_line(monkeypatch):
+    import torch
+
+    from cifar_lightning.evaluate import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"^device=cuda: no CUDA GPU is usable here"):
+        pick_device("cuda")
+    assert pick_device("auto") == torch.device("cpu")
