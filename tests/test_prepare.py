@@ -105,6 +105,10 @@ def test_missing_source_and_partial_root_are_clear_errors(tmp_path):
     (tmp_path / "partial" / "train_1").mkdir(parents=True)
     with pytest.raises(UserError, match=r"lacks \['train_2'"):
         ensure_layout(tmp_path / "partial", "download", SPLITS)
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(UserError, match=r"data.root=.*a_file is a file, not a folder"):
+        ensure_layout(tmp_path / "a_file", "download", SPLITS)
+    assert (tmp_path / "a_file").read_text() == "not a folder"  # left as it was
 
 
 def _prepare(args):

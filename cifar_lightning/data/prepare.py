@@ -41,6 +41,8 @@ def ensure_layout(root: str | Path, source: str, splits: list[str]) -> Path:
     root = Path(root)
     if has_layout(root, splits):
         return root
+    if root.exists() and not root.is_dir():
+        raise UserError(f"data.root={root} is a file, not a folder; point data.root at the folder of the splits")
     if root.exists() and any(root.iterdir()):
         missing = [s for s in splits if not (root / s).is_dir()]
         raise UserError(f"data.root={root} exists but lacks {missing}; point data.root at a full layout "
