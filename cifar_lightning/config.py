@@ -25,8 +25,15 @@ ALLOWED_TARGET_PREFIXES = (
 )
 # ...and what the name resolves to must be a class or function defined there: a dotted path can
 # reach through an allowed module to anything it imported (`cifar_lightning.data.cache.os.system`).
-ALLOWED_TARGET_MODULES = ("cifar_lightning", "torch.optim", "lightning.pytorch.trainer",
+ALLOWED_TARGET_MODULES = ("torch.optim", "lightning.pytorch.trainer",
                           "lightning.pytorch.callbacks", "lightning.pytorch.loggers")
+
+
+# ...and of the project's own code, only what configs build: its helpers (report.write_csv, say) would
+# write any text to any path. A new optimizer, scheduler or callback of ours is added here.
+PROJECT_TARGETS = ("cifar_lightning.model.optim.RMSprop", "cifar_lightning.model.schedule.reduce_on_plateau",
+                   "cifar_lightning.model.schedule.one_cycle", "cifar_lightning.callbacks.InterruptCheckpoint",
+                   "cifar_lightning.report.SweepSummary")
 
 
 def _is_allowed(target: str) -> bool:
@@ -37,6 +44,8 @@ def _is_allowed(target: str) -> bool:
     except (ImportError, ValueError):  # no such name: instantiate reports it, naming the key
         return True
     module = getattr(obj, "__module__", None) or ""
+    if module == "cifar_lightning" or module.startswith("cifar_lightning."):
+        return any(obj is _locate(t) for t in PROJECT_TARGETS)  # by identity: re-exports resolve alike
     return (inspect.isclass(obj) or inspect.isfunction(obj)) and any(
         module == m or module.startswith(m + ".") for m in ALLOWED_TARGET_MODULES)
 
@@ -55,7 +64,8 @@ def check_targets(node: Any, key: str = "") -> None:
         path = f"{key}.{k}" if key else str(k)
         if k == "_target_" and v is not None and not _is_allowed(str(v)):
             raise UserError(f"{path}={v} is not an allowed target (allowed: classes and functions of "
-                            f"{', '.join(ALLOWED_TARGET_MODULES)})")
+                            f"{', '.join(ALLOWED_TARGET_MODULES)}; of cifar_lightning: "
+                            f"{', '.join(t.rpartition('.')[2] for t in PROJECT_TARGETS)})")
         if k != "_target_":
             check_targets(v, path)
 

@@ -61,6 +61,10 @@ def test_foreign_target_is_refused_not_run(tmp_path):
     "lightning.pytorch.loggers.tensorboard.os.remove",
     "torch.load",                                    # outside every allowed prefix
     "lightning.fabric.utilities.cloud_io._load",
+    "cifar_lightning.report.write_csv",              # project helpers that write any text to any path
+    "cifar_lightning.report._atomic_write",
+    "cifar_lightning.data.cache._atomic_save",
+    "cifar_lightning.data.prepare.ensure_layout",
 ])
 def test_target_that_resolves_outside_the_allowed_modules_is_refused(target, tmp_path):
     with pytest.raises(UserError, match=rf"optim._target_={target} is not an allowed target"):
@@ -82,10 +86,12 @@ def test_target_inside_a_list_is_checked():
         "hydra.callbacks.sweep_summary._target_=builtins.exec",
         "+hydra.callbacks.evil={_target_:os.system}",
         "optim._target_=torch.optim.Adam,os.system",
+        "+hydra.callbacks.x={_target_:cifar_lightning.report.write_csv,path:x.sh,rows:[{a:1}],columns:[a]}",
     ],
 )
 def test_command_line_target_is_refused_before_hydra_builds_callbacks(override):
-    with pytest.raises(UserError, match=r"_target_=(os.system|builtins.exec) is not an allowed target"):
+    with pytest.raises(UserError, match=r"_target_=(os.system|builtins.exec|cifar_lightning.report.write_csv) is not "
+                                        r"an allowed target"):
         check_override_targets(["-m", "seed=0", override])
 
 
