@@ -55,18 +55,31 @@ def cli(hydra_main: Callable[[], object], after_sigterm: str = "") -> None:
             sys.exit(143)
         raise
     except Exception as exc:  # noqa: BLE001 - we decide below what is the user's to fix
-        cause = exc
-        while not _is_user_facing(cause) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        if wants_traceback or not _is_user_facing(cause):
+        cause = user_facing_cause(exc)
+        if wants_traceback or cause is None:
             raise
         line = one_line(cause)
         print(line, file=sys.stderr)
-        _to_log_files(line)
+        if not _multirun():  # a sweep's jobs logged their own (report.SweepSummary); this is the last job's log
+            to_log_files(line)
         sys.exit(2)
 
 
-def _to_log_files(line: str) -> None:
+def user_facing_cause(exc: BaseException) -> BaseException | None:
+    """The user's mistake behind exc (itself, or what it was raised from), or None for a bug."""
+    while not _is_user_facing(exc) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc if _is_user_facing(exc) else None
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def to_log_files(line: str) -> None:
     """Also put the error line in the run directory's <job>.log (Hydra's file handler), if there is one."""
     record = logging.makeLogRecord({"name": "cifar_lightning", "levelno": logging.ERROR, "levelname": "ERROR",
                                     "msg": line})

@@ -25,6 +25,8 @@ from torchmetrics.functional.classification import (  # noqa: E402
     multiclass_accuracy, multiclass_auroc, multiclass_confusion_matrix, multiclass_f1_score,
     multiclass_precision, multiclass_recall)
 
+from cifar_lightning.errors import one_line, to_log_files, user_facing_cause  # noqa: E402
+
 
 # ---------------------------------------------------------------- files, written atomically
 def _atomic_write(path: str | Path, data: bytes) -> None:
@@ -225,6 +227,8 @@ class SweepSummary(Callback):
         else:
             err = job_return._return_value
             row["status"], row["error"] = "failed", " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            # into this job's <job>.log while Hydra's handler for it is still open (errors.cli prints it at the end)
+            to_log_files(one_line(user_facing_cause(err) or err))
         if (run_dir / "metrics.json").exists():
             m = json.loads((run_dir / "metrics.json").read_text())
             row.update({k: m.get(k) for k in SUMMARY_COLUMNS if k in m})

@@ -119,11 +119,14 @@ def test_hostile_checkpoint_for_resume_is_refused(tiny_layout, tmp_path, monkeyp
 
 
 def test_multirun_with_a_failing_job_completes_the_others(tiny_layout, tmp_path):
-    res = run_cli("cifar_lightning.train", "-m", "optim.lr=1e-3,-1", f"data.root={tiny_layout}",
+    res = run_cli("cifar_lightning.train", "-m", "optim.lr=-1,1e-3", f"data.root={tiny_layout}",
                   "trainer.max_epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", *QUICK, cwd=tmp_path)
     assert res.returncode != 0
     assert res.stderr.strip().splitlines()[-1].startswith("error: optim:")
-    assert (tmp_path / "sweep" / "0" / "metrics.json").exists()
+    assert (tmp_path / "sweep" / "1" / "metrics.json").exists()
+    # each job's train.log says how that job ended: the failed one its error line, the other none
+    assert "error: optim: invalid RMSprop hyperparameters lr=-1" in (tmp_path / "sweep" / "0" / "train.log").read_text()
+    assert "error:" not in (tmp_path / "sweep" / "1" / "train.log").read_text()
     summary = (tmp_path / "sweep" / "summary.md").read_text()
     assert "| completed |" in summary and "| failed |" in summary and "invalid RMSprop hyperparameters lr=-1" in summary
 
