@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from cifar_lightning.config import check_values, one_of, whole
-from cifar_lightning.data.folder import KerasImageFolder
+from cifar_lightning.data.folder import RESIZES, KerasImageFolder
 from cifar_lightning.errors import UserError, cli
 from cifar_lightning.model.checkpoint import load_net
 from cifar_lightning.report import write_evaluation
@@ -41,8 +41,8 @@ def match_classes(folder: list[str], ckpt: list[str]) -> tuple[list[int], str]:
                     f"only in checkpoint {sorted(b - a)}")
 
 
-# evaluate's and predict's own values, checked (with the shared ones, fidelity.resize) before the checkpoint loads
-RULES = {"batch_size": whole(1), "top_k": whole(1), "device": one_of("auto", "cpu", "cuda")}
+# evaluate's and predict's own values, checked before the checkpoint loads
+RULES = {"batch_size": whole(1), "top_k": whole(1), "device": one_of("auto", "cpu", "cuda"), "resize": one_of(*RESIZES)}
 
 
 def pick_device(name: str) -> torch.device:
@@ -65,7 +65,8 @@ def evaluate(cfg: DictConfig) -> dict:
     device = pick_device(cfg.device)
     net, class_names, hp = load_net(cfg.ckpt_path)
     size = int(hp.get("image_size", 32))
-    folder = KerasImageFolder(cfg.eval_dir, size, cfg.fidelity.resize)
+    resize = cfg.resize or hp.get("resize", "tf_bilinear")  # null: as the checkpoint's training decoded
+    folder = KerasImageFolder(cfg.eval_dir, size, resize)
     index, rule = match_classes(folder.classes, class_names)
     log.info(f"classes matched: {rule}")
     with tqdm(folder.samples, desc="decoding", unit="img") as samples:  # closed before an error line

@@ -45,10 +45,11 @@ def predict(cfg: DictConfig) -> list[dict]:
     device = pick_device(cfg.device)
     net, class_names, hp = load_net(cfg.ckpt_path)
     size = int(hp.get("image_size", 32))
+    resize = cfg.resize or hp.get("resize", "tf_bilinear")  # null: as the checkpoint's training decoded
     paths, images = [], []
     for f in find_inputs(str(cfg.inputs)):
         try:
-            images.append(decode(f, size, cfg.fidelity.resize))
+            images.append(decode(f, size, resize))
             paths.append(str(f))
         except UserError as exc:
             log.warning(f"skipped {exc}")

@@ -129,7 +129,8 @@ def train(cfg: DictConfig) -> dict:
     if resume:
         check_resume_matches(resume, resume_hp, class_names, model_cfg, container(cfg.optim))
     model = Classifier(model=model_cfg, optim=container(cfg.optim), scheduler=container(cfg.scheduler),
-                       class_names=class_names, monitor=cfg.monitor, image_size=cfg.data.image_size)
+                       class_names=class_names, monitor=cfg.monitor, image_size=cfg.data.image_size,
+                       resize=cfg.fidelity.resize)
     trainable, stats = count_params(model.net)
     log.info(summary(model.net))
 

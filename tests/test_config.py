@@ -144,7 +144,7 @@ def test_every_option_passes_the_value_check(group, option, tmp_path):
 @pytest.mark.parametrize("entry,override,message", [
     ("evaluate", "batch_size=0", "batch_size=0: must be a whole number >= 1"),
     ("evaluate", "device=tpu", "device=tpu is not one of: auto, cpu, cuda"),
-    ("evaluate", "fidelity.resize=bogus", "fidelity.resize=bogus is not one of: tf_bilinear, pil_bilinear"),
+    ("evaluate", "resize=bogus", "resize=bogus is not one of: tf_bilinear, pil_bilinear"),
     ("predict", "top_k=0", "top_k=0: must be a whole number >= 1"),
     ("predict", "top_k=abc", "top_k=abc: must be a whole number >= 1"),
     ("predict", "batch_size=abc", "batch_size=abc: must be a whole number >= 1"),

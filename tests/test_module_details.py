@@ -295,3 +295,26 @@ def test_monitor_val_acc_reports_the_epoch_of_the_checkpoint_it_tested(tiny_layo
     ckpt = torch.load(tmp_path / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     assert m["best_epoch"] == int(best["epoch"]) == ckpt["epoch"] + 1
     assert m["best_val_acc"] == pytest.approx(float(best["val_acc"]))
+
+
+def test_evaluate_scores_a_checkpoint_as_its_own_test_phase_did(tiny_layout, tmp_path):
+    # a tta_flip checkpoint is evaluated with the flip average, and with the resize rule it was trained with
+    from cifar_lightning.evaluate import evaluate
+    from cifar_lightning.model.checkpoint import load_checkpoint
+
+    train_run = tmp_path / "train"
+    from cifar_lightning.train import train
+
+    trained = train(cfg_for(train_run, tiny_layout, "trainer.max_epochs=2", "data.batch_size=8", "seed=1",
+                            "model.tta_flip=true", "fidelity=torch", *FAST))
+    best = train_run / "checkpoints" / "best.ckpt"
+    assert load_checkpoint(best)["hyper_parameters"]["resize"] == "pil_bilinear"
+    cfg = compose([f"ckpt_path={best}", f"eval_dir={tiny_layout / 'test'}", f"run_dir={tmp_path / 'eval'}",
+                   "device=cpu"], config_name="evaluate")
+    evaluated = evaluate(cfg)
+    assert evaluated["test_loss"] == pytest.approx(trained["test_loss"], abs=1e-5)
+    assert evaluated["auroc_macro"] == pytest.approx(trained["auroc_macro"], abs=1e-6)
+    net, _, _ = load_net(best)
+    x, _ = _batch()
+    with torch.no_grad():  # the check can fail: without the flip average the logits differ
+        assert not torch.allclose(net(x), net.net(x), atol=1e-4)

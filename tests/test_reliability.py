@@ -170,7 +170,7 @@ def test_ddp_cpu_matches_one_process(tiny_layout, tmp_path):
         runs[trainer] = json.loads((run / "metrics.json").read_text())
     cfg = OmegaConf.create({"ckpt_path": str(tmp_path / "ddp_cpu" / "checkpoints" / "best.ckpt"),
                             "eval_dir": str(tiny_layout / "test"), "batch_size": 64, "device": "cpu",
-                            "run_dir": str(tmp_path / "eval"), "fidelity": {"resize": "tf_bilinear"}})
+                            "run_dir": str(tmp_path / "eval"), "resize": None})
     one_process = evaluate(cfg)
     ddp, single = runs["ddp_cpu"], runs["cpu"]
     print(f"\nDDP test loss {ddp['test_loss']:.5f} acc {ddp['test_accuracy']:.4f}; its checkpoint in one process "

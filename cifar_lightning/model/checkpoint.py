@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from cifar_lightning.errors import UserError
-from cifar_lightning.model.net import ModelS, build_net
+from cifar_lightning.model.net import FlipAverage, ModelS, build_net
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -37,8 +37,9 @@ def _unpickler_reason(message: str) -> str:
     return text.split("trusted source.")[-1].strip()[:200]  # after "Weights only load failed ... trusted source."
 
 
-def load_net(path: str | Path) -> tuple[ModelS, list[str], dict]:
-    """(network in eval mode, class names, hyperparameters) from a cifar_lightning checkpoint."""
+def load_net(path: str | Path) -> tuple[ModelS | FlipAverage, list[str], dict]:
+    """(network in eval mode, class names, hyperparameters) from a cifar_lightning checkpoint; a
+    model.tta_flip checkpoint's network averages with the mirror image, as its test phase did."""
     ckpt = load_checkpoint(path)
     try:
         hp = ckpt["hyper_parameters"]
@@ -51,6 +52,8 @@ def load_net(path: str | Path) -> tuple[ModelS, list[str], dict]:
         state = {k[len(prefix):].replace("_orig_mod.", ""): v for k, v in ckpt["state_dict"].items()
                  if k.startswith(prefix)}
         net.load_state_dict(state)
+        if hp["model"].get("tta_flip"):
+            net = FlipAverage(net)
     except UserError:
         raise
     except Exception as exc:

@@ -3,7 +3,6 @@
 Hyperparameters are stored as plain dicts and lists, so checkpoints load with weights_only=True."""
 from __future__ import annotations
 
-import math
 
 import lightning as L
 import torch
@@ -14,13 +13,15 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_lightning.config import complete, instantiate
 from cifar_lightning.model.augment import Augment
-from cifar_lightning.model.net import build_net
+from cifar_lightning.model.net import build_net, flip_average
 from cifar_lightning.model.schedule import build_scheduler
 
 
 class Classifier(L.LightningModule):
     def __init__(self, model: dict, optim: dict, scheduler: dict | None, class_names: list[str],
-                 monitor: str = "val/loss", image_size: int = 32):
+                 monitor: str = "val/loss", image_size: int = 32, resize: str = "tf_bilinear"):
+        # resize (fidelity.resize) is not used here: it is kept in the checkpoint, so that evaluate and
+        # predict decode images as training did
         super().__init__()
         self.save_hyperparameters()
         self.net = build_net(model, image_size)
@@ -58,10 +59,8 @@ class Classifier(L.LightningModule):
         x, y = batch
         if stage == "train" and self.augment is not None:
             x = self.augment(x)
-        logits = self(x)
-        if stage != "train" and self.tta_flip:  # test-time augmentation: average with the mirror image
-            pair = torch.stack([logits.log_softmax(-1), self(x.flip(-1)).log_softmax(-1)])
-            logits = pair.logsumexp(0) - math.log(2)  # log of the mean probability, finite where softmax underflows
+        # test-time augmentation: the mean probability with the mirror image
+        logits = flip_average(self, x) if stage != "train" and self.tta_flip else self(x)
         # = Keras sparse CE on the softmax, computed from logits
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         if stage == "train" and self.l2:  # Keras kernel_regularizer: part of the loss and of the reported loss

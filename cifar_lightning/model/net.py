@@ -2,6 +2,8 @@
 loop and `predict` use it directly. Input: uint8 or float images 0-255, N x 3 x 32 x 32."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -38,6 +40,25 @@ class ModelS(nn.Module):
         # Keras flattens NHWC; we flatten NCHW. The layer is the same up to a fixed permutation
         # of the 2048 inputs, so parameter count and function class are identical.
         return self.classifier(self.features(x))
+
+
+def flip_average(forward, x: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation: the log of the mean softmax of x and its mirror image, used as logits
+    (log-space, so finite where a softmax underflows)."""
+    pair = torch.stack([forward(x).log_softmax(-1), forward(x.flip(-1)).log_softmax(-1)])
+    return pair.logsumexp(0) - math.log(2)
+
+
+class FlipAverage(nn.Module):
+    """A network that predicts as flip_average: evaluate and predict wrap a model.tta_flip checkpoint in it,
+    so they score it as its own test phase did."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return flip_average(self.net, x)
 
 
 def _glorot_uniform(m: nn.Module) -> None:
