@@ -105,6 +105,7 @@ def list_of(rule: tuple, example: str, empty_ok: bool = False) -> tuple:
 
 
 WHOLE_LIST = list_of(whole(1), "[32,64,128]")
+NAME = (lambda v: isinstance(v, str) and v != ""), "must be a folder name"
 AUGMENT = (lambda v: v is None or (OmegaConf.is_dict(v) and set(v) <= {"flip", "rotation_deg", "zoom", "translate"}
                                    and all(isinstance(x, bool) if k == "flip" else _is_number(x) and x >= 0
                                            for k, x in v.items())),
@@ -113,7 +114,7 @@ AUGMENT = (lambda v: v is None or (OmegaConf.is_dict(v) and set(v) <= {"flip", "
 RULES = {
     "seed": whole(0), "test": BOOLEAN, "monitor": one_of("val/loss", "val/acc"), "monitor_mode": one_of("min", "max"),
     "data.batch_size": whole(1), "data.image_size": whole(1), "data.num_workers": whole(0),
-    "data.cache": BOOLEAN, "data.skip_bad_files": BOOLEAN,
+    "data.cache": BOOLEAN, "data.skip_bad_files": BOOLEAN, "data.train_dirs": list_of(NAME, "[train_1,train_2]"),
     "model.widths": WHOLE_LIST, "model.hidden": whole(1), "model.dropout": number(0, 1, below=True),
     "model.num_classes": whole(1), "model.bn_momentum": number(0, 1), "model.bn_eps": number(0, above=True),
     "model.channels_last": BOOLEAN, "model.compile": BOOLEAN, "model.l2": number(0),

@@ -259,3 +259,12 @@ def test_bench_times_eager_and_compiled_c_side_by_side(tiny_layout, tmp_path):
     assert [r["variant"] for r in out["results"]] == ["32-true", "32-true+compile"]
     assert "c[32-true+compile]/c[32-true]" in out["ratios"] and "torch.compile at 32-true" in res.stdout
     assert out["compile_payoff"][0]["one_off_s"] > 0  # compiling costs time up front
+
+
+def test_a_foreign_pickle_is_one_line_without_torchs_protocol_warning(tmp_path, recwarn):
+    import pickle
+
+    (tmp_path / "raw.pkl").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with pytest.raises(UserError, match=r"raw.pkl: not a checkpoint \(Unsupported operand 149\)$"):
+        load_net(tmp_path / "raw.pkl")
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]

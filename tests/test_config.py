@@ -125,6 +125,7 @@ def test_command_line_check_passes_allowed_targets_and_deletions():
     ("data.skip_bad_files=no", "data.skip_bad_files=no: must be true or false"),
     ("data.cache=off", "data.cache=off: must be true or false"),
     ("model.compile=yes", "model.compile=yes: must be true or false"),
+    ("data.train_dirs=abc", "data.train_dirs=abc: must be a list like [train_1,train_2]; each item must be a folder name"),
     ("monitor=val/accc", "monitor=val/accc is not one of: val/loss, val/acc"),
     ("monitor_mode=bogus", "monitor_mode=bogus is not one of: min, max"),
 ])

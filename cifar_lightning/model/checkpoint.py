@@ -3,6 +3,7 @@ the project's own Model code with plain numbers read from it. No `_target_` in i
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,7 +18,9 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"ckpt_path={path}: no such file")
     try:
         # Never retried with weights_only=False: a checkpoint that needs it could run code.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a foreign pickle protocol: the error line says it all
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = _unpickler_reason(str(exc))
         if "global" in reason.lower():  # it names a class or function to import: code, not data
