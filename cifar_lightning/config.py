@@ -122,8 +122,12 @@ RULES = {
     "optim.eps_inside_root": BOOLEAN,
     "trainer.max_epochs": ((lambda v: _is_int(v) and (v == -1 or v >= 1)), "must be -1 (no limit) or a whole number >= 1"),
     "trainer.log_every_n_steps": whole(1), "scheduler.patience": whole(0),
-    "callbacks.early_stopping.patience": whole(0),
+    "trainer.deterministic": ((lambda v: isinstance(v, bool) or v == "warn"), "must be true, false or warn"),
+    "callbacks.early_stopping.patience": whole(0), "callbacks.early_stopping.min_delta": number(0),
+    "callbacks.early_stopping.check_finite": BOOLEAN, "callbacks.progress_bar.refresh_rate": whole(0),
 }
+# The one metric and the direction that makes it better: val/acc kept at its lowest would be a silent mistake.
+MONITOR_MODES = {"val/loss": "min", "val/acc": "max"}
 TEXT_KEYS = {"_target_", "mode", "counting", "interval"}  # the only optim/scheduler keys that hold text
 
 
@@ -160,6 +164,9 @@ def check_values(cfg: DictConfig, extra_rules: dict | None = None) -> None:
         if v is not None and not ok(v):  # null: absent, or left to the code's own default
             sep = " " if must.startswith("is ") else ": "
             raise UserError(f"{_typed_key(cfg, key)}={_shown(v)}{sep}{must}")
+    monitor, mode = cfg.get("monitor"), cfg.get("monitor_mode")
+    if monitor in MONITOR_MODES and mode is not None and mode != MONITOR_MODES[monitor]:
+        raise UserError(f"monitor_mode={mode} would keep the worst {monitor}; use monitor_mode={MONITOR_MODES[monitor]}")
     for group in ("optim", "scheduler"):
         for k, v in (OmegaConf.select(cfg, group, default=None) or {}).items():
             if isinstance(v, str) and k not in TEXT_KEYS:

@@ -40,8 +40,11 @@ def cli(hydra_main: Callable[[], object], after_sigterm: str = "") -> None:
     try:
         from cifar_lightning.config import check_override_targets
 
-        # Hydra's --experimental-rerun unpickles the file it is given: code, if the file is hostile.
-        if any(a.split("=")[0] == "--experimental-rerun" for a in sys.argv[1:]):
+        # Hydra's --experimental-rerun unpickles the file it is given: code, if the file is hostile. Asked
+        # of Hydra's own parser, which also takes any abbreviation (--exp FILE).
+        from hydra._internal.utils import get_args_parser
+
+        if get_args_parser().parse_known_args(sys.argv[1:])[0].experimental_rerun is not None:
             raise UserError("--experimental-rerun is refused: it unpickles its file, which could run code; "
                             "rerun with the overrides in RUN/.hydra/overrides.yaml instead")
         check_override_targets(sys.argv[1:])

@@ -160,7 +160,8 @@ def test_hydra_experimental_rerun_is_refused_before_it_unpickles(tmp_path, monke
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED_MARKER", str(marker))
     (tmp_path / "config.pickle").write_bytes(pickle.dumps(RunsCode()))
-    for args in (["--experimental-rerun", "config.pickle"], ["--experimental-rerun=config.pickle"]):
+    for args in (["--experimental-rerun", "config.pickle"], ["--experimental-rerun=config.pickle"],
+                 ["--exp", "config.pickle"], ["--experimental-rer=config.pickle"]):  # argparse takes abbreviations
         res = run_cli(module, *args, cwd=tmp_path)
         assert res.returncode == 2 and "Traceback" not in res.stderr
         assert res.stderr.strip().splitlines()[-1].startswith("error: --experimental-rerun is refused")

@@ -128,6 +128,12 @@ def test_command_line_check_passes_allowed_targets_and_deletions():
     ("data.train_dirs=abc", "data.train_dirs=abc: must be a list like [train_1,train_2]; each item must be a folder name"),
     ("monitor=val/accc", "monitor=val/accc is not one of: val/loss, val/acc"),
     ("monitor_mode=bogus", "monitor_mode=bogus is not one of: min, max"),
+    ("monitor=val/acc", "monitor_mode=min would keep the worst val/acc; use monitor_mode=max"),
+    ("monitor_mode=max", "monitor_mode=max would keep the worst val/loss; use monitor_mode=min"),
+    ("trainer.deterministic=no", "trainer.deterministic=no: must be true, false or warn"),
+    ("callbacks.early_stopping.min_delta=abc", "callbacks.early_stopping.min_delta=abc: must be a number >= 0"),
+    ("callbacks.early_stopping.check_finite=no", "callbacks.early_stopping.check_finite=no: must be true or false"),
+    ("callbacks.progress_bar.refresh_rate=abc", "callbacks.progress_bar.refresh_rate=abc: must be a whole number >= 0"),
 ])
 def test_a_value_of_the_wrong_kind_is_named_before_anything_runs(override, message, tmp_path):
     from cifar_lightning.train import train
