@@ -168,7 +168,7 @@ def model_dict(cfg: DictConfig, num_classes: int) -> dict:
 def make_net(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     L.seed_everything(cfg.seed, verbose=False)  # the same initial weights in every pipeline
     net = build_net(model_dict(cfg, num_classes), cfg.data.image_size)
-    return torch.compile(net) if cfg.model.compile else net  # as the Classifier does
+    return torch.compile(net, mode=cfg.model.compile_mode) if cfg.model.compile else net  # as the Classifier does
 
 
 # ---------------------------------------------------------------- (a) plain loop

@@ -31,7 +31,7 @@ class Classifier(L.LightningModule):
         self.tta_flip = bool(model.get("tta_flip", False))
         self.augment = Augment(**model["augment"]) if model.get("augment") else None
         if model.get("compile"):
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, mode=model.get("compile_mode", "default"))
         n = len(class_names)
         # Keras's "accuracy" is the fraction correct: micro averaging (torchmetrics defaults to macro).
         self.train_acc, self.val_acc, self.test_acc = (MulticlassAccuracy(n, average="micro") for _ in range(3))
