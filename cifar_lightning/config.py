@@ -98,6 +98,8 @@ def one_of(*options: str) -> tuple:
 
 
 BOOLEAN = (lambda v: isinstance(v, bool)), "must be true or false"
+
+
 def list_of(rule: tuple, example: str, empty_ok: bool = False) -> tuple:
     ok, must = rule
     return ((lambda v: OmegaConf.is_list(v) and (empty_ok or len(v) > 0) and all(ok(w) for w in v)),
@@ -111,8 +113,10 @@ AUGMENT = (lambda v: v is None or (OmegaConf.is_dict(v) and set(v) <= {"flip", "
                                            for k, x in v.items())),
            "must be null or {flip: true|false, rotation_deg: N, zoom: N, translate: N} with numbers >= 0")
 
+# The one metric and the direction that makes it better: val/acc kept at its lowest would be a silent mistake.
+MONITOR_MODES = {"val/loss": "min", "val/acc": "max"}
 RULES = {
-    "seed": whole(0), "test": BOOLEAN, "monitor": one_of("val/loss", "val/acc"), "monitor_mode": one_of("min", "max"),
+    "seed": whole(0), "test": BOOLEAN, "monitor": one_of(*MONITOR_MODES), "monitor_mode": one_of("min", "max"),
     "data.batch_size": whole(1), "data.image_size": whole(1), "data.num_workers": whole(0),
     "data.cache": BOOLEAN, "data.skip_bad_files": BOOLEAN, "data.train_dirs": list_of(NAME, "[train_1,train_2]"),
     "model.widths": WHOLE_LIST, "model.hidden": whole(1), "model.dropout": number(0, 1, below=True),
@@ -127,8 +131,6 @@ RULES = {
     "callbacks.early_stopping.patience": whole(0), "callbacks.early_stopping.min_delta": number(0),
     "callbacks.early_stopping.check_finite": BOOLEAN, "callbacks.progress_bar.refresh_rate": whole(0),
 }
-# The one metric and the direction that makes it better: val/acc kept at its lowest would be a silent mistake.
-MONITOR_MODES = {"val/loss": "min", "val/acc": "max"}
 TEXT_KEYS = {"_target_", "mode", "counting", "interval"}  # the only optim/scheduler keys that hold text
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from cifar_lightning.config import check_values, one_of, whole
 from cifar_lightning.data.folder import RESIZES, KerasImageFolder
 from cifar_lightning.errors import UserError, cli
-from cifar_lightning.model.checkpoint import load_net
+from cifar_lightning.model.checkpoint import image_rule, load_net
 from cifar_lightning.report import write_evaluation
 
 
@@ -64,8 +64,7 @@ def evaluate(cfg: DictConfig) -> dict:
     check_values(cfg, RULES)
     device = pick_device(cfg.device)
     net, class_names, hp = load_net(cfg.ckpt_path)
-    size = int(hp.get("image_size", 32))
-    resize = cfg.resize or hp.get("resize", "tf_bilinear")  # null: as the checkpoint's training decoded
+    size, resize = image_rule(hp, cfg.resize)
     folder = KerasImageFolder(cfg.eval_dir, size, resize)
     index, rule = match_classes(folder.classes, class_names)
     log.info(f"classes matched: {rule}")

@@ -15,11 +15,11 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from cifar_lightning.config import check_values
 from cifar_lightning.data.folder import EXTENSIONS, decode
 from cifar_lightning.errors import UserError, cli
-from cifar_lightning.config import check_values
 from cifar_lightning.evaluate import RULES, pick_device, predict_logits
-from cifar_lightning.model.checkpoint import load_net
+from cifar_lightning.model.checkpoint import image_rule, load_net
 from cifar_lightning.report import short_name, write_csv
 
 
@@ -44,8 +44,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     check_values(cfg, RULES)
     device = pick_device(cfg.device)
     net, class_names, hp = load_net(cfg.ckpt_path)
-    size = int(hp.get("image_size", 32))
-    resize = cfg.resize or hp.get("resize", "tf_bilinear")  # null: as the checkpoint's training decoded
+    size, resize = image_rule(hp, cfg.resize)
     paths, images = [], []
     for f in find_inputs(str(cfg.inputs)):
         try:

@@ -283,8 +283,6 @@ def test_pick_device_auto_follows_cuda_availability(monkeypatch):
 
 def test_monitor_val_acc_reports_the_epoch_of_the_checkpoint_it_tested(tiny_layout, tmp_path):
     # best_epoch, best_val_* and the value returned to sweepers follow `monitor`, as best.ckpt does
-    import torch
-
     from cifar_lightning.train import train
 
     m = train(cfg_for(tmp_path, tiny_layout, "trainer.max_epochs=3", "data.batch_size=8", "seed=1",
@@ -301,10 +299,9 @@ def test_evaluate_scores_a_checkpoint_as_its_own_test_phase_did(tiny_layout, tmp
     # a tta_flip checkpoint is evaluated with the flip average, and with the resize rule it was trained with
     from cifar_lightning.evaluate import evaluate
     from cifar_lightning.model.checkpoint import load_checkpoint
-
-    train_run = tmp_path / "train"
     from cifar_lightning.train import train
 
+    train_run = tmp_path / "train"
     trained = train(cfg_for(train_run, tiny_layout, "trainer.max_epochs=2", "data.batch_size=8", "seed=1",
                             "model.tta_flip=true", "fidelity=torch", *FAST))
     best = train_run / "checkpoints" / "best.ckpt"

@@ -40,6 +40,12 @@ def _unpickler_reason(message: str) -> str:
     return text.split("trusted source.")[-1].strip()[:200]  # after "Weights only load failed ... trusted source."
 
 
+def image_rule(hp: dict, resize: str | None = None) -> tuple[int, str]:
+    """(image size, resize rule) to decode images for a checkpoint's network: as its training did,
+    unless `resize` is given (checkpoints from before the rule was stored were trained with TF's)."""
+    return int(hp.get("image_size", 32)), resize or hp.get("resize", "tf_bilinear")
+
+
 def load_net(path: str | Path) -> tuple[ModelS | FlipAverage, list[str], dict]:
     """(network in eval mode, class names, hyperparameters) from a cifar_lightning checkpoint; a
     model.tta_flip checkpoint's network averages with the mirror image, as its test phase did."""

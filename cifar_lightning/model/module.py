@@ -3,7 +3,6 @@
 Hyperparameters are stored as plain dicts and lists, so checkpoints load with weights_only=True."""
 from __future__ import annotations
 
-
 import lightning as L
 import torch
 import torch.nn.functional as F
