@@ -6,11 +6,13 @@
     python -m cifar_lightning.bench data.root=/tmp/real/cifar10 pipelines=[a] batch_sizes=[64,256] fractions=[]
     python -m cifar_lightning.bench trainer=gpu                       # (c) at 32-true and bf16-mixed side by side
     python -m cifar_lightning.bench pipelines=[c] compile_c=[false,true]  # does torch.compile pay off in 30 epochs?
+    python -m cifar_lightning.bench trainer=gpu pipelines=[a,c] cuda_graph_c=[false,true]  # eager vs graphed steps
 
   a  plain PyTorch loop over the cached uint8 tensor (in GPU memory when there is a GPU): the limit
   b  a straightforward Lightning pipeline: ImageFolder + ToTensor + DataLoader(shuffle, workers)
   c  cifar_lightning's own, as train runs it: Classifier + CifarDataModule + Trainer with the configured
      callbacks (checkpoints, early stopping, progress bar, history) and logger, at each `precision` x `compile_c`
+     x `cuda_graph_c`
 (a) and (b) train with plain cross-entropy: model.augment/l2/label_smoothing (off by default) apply to
 (c) alone. Every pipeline starts from the same seed and is warmed up for `warmup_steps` (untimed); a compiled
 (c) for a whole untimed epoch, so the clock never meets a batch shape it has not compiled (its val acc is then
@@ -402,7 +404,8 @@ def machine(device: torch.device) -> dict:
 BENCH_RULES = {"pipelines": list_of(one_of("a", "b", "c"), "[a,b,c]"), "rounds": whole(1), "max_steps": whole(1),
                "warmup_steps": whole(0), "batch_sizes": list_of(whole(1), "[64,256]", empty_ok=True),
                "fractions": list_of(number(0, 1, above=True), "[0.25,0.5,1.0]", empty_ok=True),
-               "compile_c": list_of(BOOLEAN, "[false,true]"), "threads": whole(1)}
+               "compile_c": list_of(BOOLEAN, "[false,true]"), "cuda_graph_c": list_of(BOOLEAN, "[false,true]"),
+               "threads": whole(1)}
 
 
 def bench(cfg: DictConfig) -> dict:
@@ -452,7 +455,7 @@ def bench(cfg: DictConfig) -> dict:
 
     # Each timed epoch is a closure; `rounds` runs them all in turn, a, b, c, a, b, c..., so a slow
     # spell on a shared machine lands on every pipeline alike, and each round gives a paired ratio.
-    runners = []  # (pipeline, variant, row name, run); a variant is a precision, "+compile" when compiled
+    runners = []  # (pipeline, variant, row name, run); a variant is a precision, +compile, +graph
     if "a" in cfg.pipelines:
         data = {"x": train_ds.dataset.images.to(device), "y": train_ds.dataset.labels.to(device), "sizes": sizes,
                 "vx": val_ds.dataset.images.to(device), "vy": val_ds.dataset.labels.to(device),
@@ -468,11 +471,12 @@ def bench(cfg: DictConfig) -> dict:
                 out["notes"].append(f"(c) at precision {p} skipped: needs CUDA, this run is on CPU")
                 continue
             for compiled in ([cfg.model.compile] if cfg.compile_c is None else cfg.compile_c):
-                v = p + ("+compile" if compiled else "")
-                c_cfg = copy.deepcopy(cfg)
-                c_cfg.model.compile = bool(compiled)
-                runners.append(("c", v, f"c  cifar_lightning, {v}",  # one datamodule for all: the cache loads once
-                                lambda p=p, c_cfg=c_cfg: pipeline_c(c_cfg, dm, classes, sizes, n_val_images, p)))
+                for graphed in ([cfg.model.cuda_graph] if cfg.cuda_graph_c is None else cfg.cuda_graph_c):
+                    v = p + ("+compile" if compiled else "") + ("+graph" if graphed else "")
+                    c_cfg = copy.deepcopy(cfg)
+                    c_cfg.model.compile, c_cfg.model.cuda_graph = bool(compiled), bool(graphed)
+                    runners.append(("c", v, f"c  cifar_lightning, {v}",  # one datamodule for all: the cache loads once
+                                    lambda p=p, c_cfg=c_cfg: pipeline_c(c_cfg, dm, classes, sizes, n_val_images, p)))
     timed: dict[tuple[str, str], list[dict]] = {}
     for k in range(cfg.rounds):
         for pipeline, variant, name, run in runners:

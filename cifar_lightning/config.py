@@ -121,7 +121,7 @@ RULES = {
     "data.cache": BOOLEAN, "data.skip_bad_files": BOOLEAN, "data.train_dirs": list_of(NAME, "[train_1,train_2]"),
     "model.widths": WHOLE_LIST, "model.hidden": whole(1), "model.dropout": number(0, 1, below=True),
     "model.num_classes": whole(1), "model.bn_momentum": number(0, 1), "model.bn_eps": number(0, above=True),
-    "model.channels_last": BOOLEAN, "model.compile": BOOLEAN,
+    "model.channels_last": BOOLEAN, "model.compile": BOOLEAN, "model.cuda_graph": BOOLEAN,
     "model.compile_mode": one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"), "model.l2": number(0),
     "model.label_smoothing": number(0, 1, below=True), "model.tta_flip": BOOLEAN, "model.augment": AUGMENT,
     "optim.eps_inside_root": BOOLEAN,

@@ -2,11 +2,13 @@
 # Every GPU figure that README.md (Speed) and RESULTS.md ask for, in one command:
 #
 #   bash scripts/gpu_results.sh ARCHIVE [OUT] [PARTS]
-#   bash scripts/gpu_results.sh ../shared/data/cifar10-jpeg.tar.gz outputs/gpu recipe,bench,seeds
+#   bash scripts/gpu_results.sh ../shared/data/cifar10-jpeg.tar.gz outputs/gpu graph,recipe,bench,seeds
 #
 # ARCHIVE  what data.source accepts (the JPEG archive, cifar-10-python.tar.gz, or `download`)
 # OUT      where logs, bench.json and the sweep directories go (default outputs/gpu_results)
 # PARTS    comma-separated; they run in this order, most wanted first (default all):
+#            graph   model.cuda_graph=true: its CUDA tests, (a) against eager and graphed (c) at fp32 and bf16,
+#                    and the whole default recipe with graphed steps, timed as `recipe` is
 #            recipe  the whole default recipe, process start to exit, caches warm (prepare builds them)
 #            bench   the (a)/(b)/(c) benchmark with fp32 and bf16 (c); then eager against torch.compile'd (c)
 #                    at fp32 (does compiling pay off?); then, on a GPU, the CUDA tests and
@@ -23,7 +25,7 @@
 set -uo pipefail
 archive=${1:?usage: bash scripts/gpu_results.sh ARCHIVE [OUT] [recipe,bench,seeds]}
 out=${2:-outputs/gpu_results}
-parts=${3:-recipe,bench,seeds}
+parts=${3:-graph,recipe,bench,seeds}
 trainer=${TRAINER:-gpu}
 py=${PYTHON:-python3}
 read -r -a extra <<<"${EXTRA:-}"
@@ -59,12 +61,21 @@ step device "$out/device.txt" "$py" -c "import torch; print('torch', torch.__ver
 step prepare "$out/prepare.log" "$py" -m cifar_lightning.prepare data.source="$archive" "${extra[@]}" hydra.run.dir="$out/prepare"
 [[ ${#failed[@]} -eq 0 ]] || exit 1  # no data, or no torch: nothing below can run
 
-if has recipe; then  # the README's "whole recipe" figure: wall seconds from process start to exit
+recipe() {  # recipe NAME OVERRIDES...: the README's "whole recipe" figure, wall seconds from process start to exit
+  local name=$1 start
+  shift
   start=$(date +%s.%N)
-  step recipe "$out/recipe.log" "$py" -m cifar_lightning.train trainer="$trainer" "${extra[@]}" hydra.run.dir="$out/recipe"
-  [[ " ${failed[*]} " == *" recipe "* ]] ||  # a killed or failed recipe has no wall time to report
-    echo "whole default recipe: $("$py" -c "print(f'{$(date +%s.%N) - $start:.1f}')") s wall" | tee -a "$out/recipe.log"
+  step "$name" "$out/$name.log" "$py" -m cifar_lightning.train trainer="$trainer" "$@" "${extra[@]}" hydra.run.dir="$out/$name"
+  [[ " ${failed[*]} " == *" $name "* ]] ||  # a killed or failed recipe has no wall time to report
+    echo "whole default recipe: $("$py" -c "print(f'{$(date +%s.%N) - $start:.1f}')") s wall" | tee -a "$out/$name.log"
+}
+if has graph; then
+  [[ $trainer == gpu ]] && step graph_tests "$out/graph_tests.log" "$py" -m pytest -q tests/test_cuda_graph.py
+  step bench_graph "$out/bench_graph.log" "$py" -m cifar_lightning.bench trainer="$trainer" 'pipelines=[a,c]' \
+    'cuda_graph_c=[false,true]' 'batch_sizes=[]' 'fractions=[]' "${extra[@]}" hydra.run.dir="$out/bench_graph"
+  recipe recipe_graph model.cuda_graph=true
 fi
+has recipe && recipe recipe
 if has bench; then
   # Eager first, so the (a)/(b)/(c) table exists even if the compiled run is what overruns STEP_LIMIT_S.
   step bench "$out/bench.log" "$py" -m cifar_lightning.bench trainer="$trainer" "${extra[@]}" hydra.run.dir="$out/bench"

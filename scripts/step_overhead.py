@@ -45,11 +45,11 @@ from cifar_lightning.train import build_logger_and_callbacks
 class PerStepLogging(Classifier):
     """Logs loss and accuracy from every step, as most Lightning code does."""
 
-    def _step(self, batch, stage):
-        loss, logits = super()._step(batch, stage)
-        self.log(f"{stage}/step_loss", loss, on_step=False, on_epoch=True, batch_size=len(batch[1]))
-        self.log(f"{stage}/step_acc", getattr(self, f"{stage}_acc"), on_step=False, on_epoch=True)
-        return loss, logits
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)
+        means = self.train_sums / self.train_images
+        self.log("train/step_loss", means[0], on_step=False, on_epoch=True, batch_size=len(batch[1]))
+        self.log("train/step_acc", means[1], on_step=False, on_epoch=True, batch_size=len(batch[1]))
 
 
 def plain(model_cfg, optim_cfg, x, y, batches, size, device):

@@ -28,8 +28,14 @@ def _classifier(tmp_path, **model):
     torch.manual_seed(0)
     module = Classifier(model={**OmegaConf.to_container(cfg.model, resolve=True), **model},
                         optim=OmegaConf.to_container(cfg.optim, resolve=True), scheduler=None, class_names=CLASSES)
-    module.trainer = SimpleNamespace(is_last_batch=False)  # _step asks it in training; nothing else is used
     return module
+
+
+def _one_step(module, x, y):
+    """train_step with a plain optimizer and backward, as a CUDA graph captures it; returns (loss, acc) sums."""
+    module.train_sums = torch.zeros(2, dtype=torch.float64)
+    module.train_step(x, y, torch.Tensor.backward, torch.optim.SGD(module.parameters(), lr=0.0))
+    return module.train_sums.tolist()
 
 
 def _batch(n=6):
@@ -60,7 +66,7 @@ def test_augmentation_runs_in_training_only(tmp_path):
     module.test_step((x, y), 0)
     assert spy.seen == []
     module.train()
-    module.training_step((x, y), 0)
+    _one_step(module, x, y)
     assert len(spy.seen) == 1 and torch.equal(spy.seen[0], x)  # the check can fail: training does augment
 
 
@@ -71,7 +77,7 @@ def test_label_smoothing_applies_to_the_training_loss_only(tmp_path):
         module.net.classifier[-1].weight.mul_(20)
     x, y = _batch()
     module.train()
-    loss, logits = module._step((x, y), "train")
+    loss, logits = module.train_loss_and_logits(x, y)
     assert loss.item() == pytest.approx(F.cross_entropy(logits, y, label_smoothing=0.3).item(), rel=1e-6)
     module.eval()
     with torch.no_grad():
@@ -96,11 +102,15 @@ def test_l2_sums_kernels_only_and_is_part_of_the_reported_train_loss(tmp_path):
     everything = l2 * sum(p.pow(2).sum().item() for p in module.net.parameters())
     assert everything - penalty > 0.1  # biases and BatchNorm's weights add a visible amount
     x, y = _batch()
-    module.train()
-    loss, logits = module._step((x, y), "train")
+    module.eval()  # no dropout: the step's forward gives these logits again
+    with torch.no_grad():
+        logits = module(x)
     ce = F.cross_entropy(logits, y).item()
+    loss, _ = module.train_loss_and_logits(x, y)
     assert loss.item() == pytest.approx(ce + penalty, rel=1e-5)
-    assert module.train_loss.compute().item() == pytest.approx(ce + penalty, rel=1e-5)  # one batch: its loss
+    loss_sum, correct = _one_step(module, x, y)  # lr 0: the weights stay, the reported loss is this one
+    assert loss_sum / len(y) == pytest.approx(ce + penalty, rel=1e-5)  # the sum of loss x images, per image
+    assert correct == (logits.argmax(1) == y).sum().item()
 
 
 def test_tta_flip_averages_probabilities_not_logits(tmp_path):
