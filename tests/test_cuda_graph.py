@@ -6,11 +6,12 @@ import csv
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import cifar_lightning.train as train_module
 from cifar_lightning.model.graphed import GraphedStep
 from cifar_lightning.model.module import Classifier
-from tests.conftest import cfg_for
+from tests.conftest import CLASSES, cfg_for
 
 
 class ReplayedCall:
@@ -93,13 +94,32 @@ def test_graphed_step_warms_up_captures_full_batches_and_recaptures_on_a_new_rat
     assert (steps.eager_steps, steps.captures, steps.replays) == (1, 2, 3)
 
 
-def test_adam_state_is_made_capturable():
-    p = torch.nn.Parameter(torch.ones(2))
+def _adam_after_one_step(device):
+    p = torch.nn.Parameter(torch.ones(2, device=device))
     opt = torch.optim.Adam([p])
-    p.grad = torch.ones(2)
-    opt.step()  # a CPU step counter, as a checkpoint from a run without graphs holds
+    p.grad = torch.ones(2, device=device)
+    opt.step()  # its step counter on the CPU, as a checkpoint from a run without graphs holds it
+    return opt
+
+
+def test_checkpoints_keep_the_capturable_flag_adam_had_before_the_graph(tiny_layout, tmp_path):
+    opt = _adam_after_one_step("cpu")
+    steps = GraphedStep(step=None, eager=None, optimizer=opt, batch_size=2)
+    assert steps.capturable_was == [False] and opt.param_groups[0]["capturable"] is False  # CPU Adam can't capture
+    module = Classifier(model=OmegaConf.to_container(cfg_for(tmp_path, tiny_layout).model, resolve=True),
+                        optim={"_target_": "torch.optim.Adam", "_partial_": True}, scheduler=None, class_names=CLASSES)
+    module.graphed = steps
+    checkpoint = {"optimizer_states": [{"param_groups": [{"lr": 1e-3, "capturable": True}]}]}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["capturable"] is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_adam_on_the_gpu_is_made_capturable_with_its_step_counter_on_the_device():
+    opt = _adam_after_one_step("cuda")
     GraphedStep(step=None, eager=None, optimizer=opt, batch_size=2)
     assert opt.param_groups[0]["capturable"] is True
+    assert all(s["step"].is_cuda for s in opt.state.values())
 
 
 def test_cuda_graph_on_the_cpu_trains_eagerly_and_says_why(tiny_layout, tmp_path, caplog):

@@ -32,8 +32,11 @@ class GraphedStep:
         self.graph_type = graph_type or CudaGraph  # tests on the CPU pass a stand-in that replays the call
         self.graph, self.inputs, self.lrs = None, None, None
         self.eager_steps = self.captures = self.replays = 0
-        for group in optimizer.param_groups:  # Adam & co keep their step count on the device
-            if "capturable" in group:
+        # Adam & co keep their step count on the device (on a GPU; the CPU stand-in leaves them as they are).
+        # capturable_was: the flags to write into checkpoints, so that they load as a plain run's.
+        self.capturable_was = [group.get("capturable") for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            if "capturable" in group and group["params"] and group["params"][0].is_cuda:
                 group["capturable"] = True
         for state in optimizer.state.values():  # a resumed run's counters were saved on the CPU
             if torch.is_tensor(state.get("step")) and state["step"].device.type == "cpu":
@@ -66,7 +69,8 @@ class GraphedStep:
         self.graph = None  # the old graph's memory goes back first
         inputs, self.lrs = (torch.empty_like(x), torch.empty_like(y)), self._lrs()
         device = x.device.type
-        # Lightning's bf16-mixed autocast is active here; its weight-cast cache must be off while capturing
+        # Under bf16-mixed, Lightning's autocast is active here (with its cast cache already off, which
+        # capture needs); re-entered so that holds whatever precision plugin opened it
         autocast = dict(device_type=device, dtype=torch.get_autocast_dtype(device),
                         enabled=torch.is_autocast_enabled(device), cache_enabled=False)
 
@@ -87,7 +91,9 @@ class CudaGraph:
         self.graph = torch.cuda.CUDAGraph()
 
     def capture(self, fn: Callable) -> None:
-        with torch.cuda.graph(self.graph):
+        # thread_local: a DataLoader's pin-memory thread (data.cache=false) may allocate pinned memory
+        # or query events while this thread captures; "global" would fail the capture for that
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             fn()
 
     def replay(self) -> None:

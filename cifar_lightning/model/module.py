@@ -156,6 +156,8 @@ class Classifier(L.LightningModule):
             return "DDP's gradient all-reduce is not captured"
         if str(trainer.precision) not in ("32-true", "bf16-mixed", "32", "bf16"):
             return f"trainer.precision={trainer.precision} (16-mixed's loss scaling is not captured)"
+        if torch.is_anomaly_enabled():
+            return "trainer.detect_anomaly=true (its checks read values back in backward)"
         if self.compiled:
             return "model.compile=true (torch.compile's reduce-overhead mode makes its own graphs)"
         if any(c.interval == "step" for c in trainer.lr_scheduler_configs):
@@ -163,6 +165,14 @@ class Classifier(L.LightningModule):
         if not hasattr(trainer.train_dataloader, "batch_sampler"):
             return "the train loader has no batch sampler (cifar_lightning's datamodule has)"
         return None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("optimizer_states")  # none in a weights-only checkpoint
+        if self.graphed is not None and states:  # Adam's capturable flag, set for the graph, is saved as it was
+            groups = states[0]["param_groups"]  # a copy: the live optimizer keeps its own
+            for group, was in zip(groups, self.graphed.capturable_was):
+                if was is not None:
+                    group["capturable"] = was
 
     def on_train_epoch_start(self):
         # An epoch cut short (max_steps) logged nothing, so Lightning did not reset these.
