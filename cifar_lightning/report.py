@@ -196,7 +196,7 @@ def write_evaluation(run_dir: Path, logits, labels, paths, class_names, extra: d
 
 
 # ---------------------------------------------------------------- sweep summary
-SUMMARY_COLUMNS = ["job", "overrides", "seed", "status", "error", "best_epoch", "best_val_loss", "test_accuracy",
+SUMMARY_COLUMNS = ["job", "overrides", "seed", "status", "error", "best_epoch", "best_val_loss", "best_val_acc", "test_accuracy",
                    "f1_macro", "auroc_macro", "epochs_run", "wall_seconds"]
 
 
@@ -220,7 +220,7 @@ class SweepSummary(Callback):
         row = {"job": run_dir.name, "overrides": " ".join(config.hydra.overrides.task),
                # the recipe: what the job ran apart from its seed, so a seed sweep can be averaged
                "recipe": recipe_of(config.hydra.overrides.task),
-               "seed": config.get("seed"),
+               "seed": config.get("seed"), "monitor": config.get("monitor"), "monitor_mode": config.get("monitor_mode"),
                "wall_seconds": round(time.perf_counter() - self._start.pop(str(run_dir), time.perf_counter()), 1)}
         if job_return.status == JobStatus.COMPLETED:
             row["status"] = "completed"
@@ -276,9 +276,21 @@ def fmt_mean_std(key: str, mean: float | None, std: float | None) -> str:
     return format(mean, f) + ("" if std is None else f" ± {std:{f}}")
 
 
+def sort_by_monitor(rows: list[dict]) -> None:
+    """Best job first, by the metric the jobs monitored (rows from before monitors were recorded:
+    val/loss); a sweep over the monitor itself stays in job order, as its values don't compare."""
+    monitors = {(r.get("monitor") or "val/loss", r.get("monitor_mode") or "min") for r in rows}
+    if len(monitors) != 1:
+        rows.sort(key=lambda r: int(r["job"]) if str(r["job"]).isdigit() else 0)
+        return
+    ((monitor, mode),) = monitors
+    key, sign = "best_" + monitor.replace("/", "_"), -1 if mode == "max" else 1
+    rows.sort(key=lambda r: (r.get(key) is None, sign * (r.get(key) or 0.0)))
+
+
 def write_summary(sweep_dir: Path) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary_row.json"))]
-    rows.sort(key=lambda r: (r.get("best_val_loss") is None, r.get("best_val_loss") or 0.0))
+    sort_by_monitor(rows)
     stats = seed_stats(rows)  # also names the recipe and seed of rows written before rows recorded them
     write_csv(sweep_dir / "summary.csv", rows, SUMMARY_COLUMNS)
 

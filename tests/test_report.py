@@ -95,3 +95,33 @@ def test_sweep_summary_averages_each_recipe_over_its_seeds(tmp_path):
     # the failed seed is left out, and one seed has no spread
     assert stats["optim=sgd"]["seeds"] == "0" and stats["optim=sgd"]["test_accuracy_std"] == ""
     assert "| optim=adam | 0 1 | 0.8200 ± 0.0283 |" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("monitor, mode, order", [("val/loss", "min", ["1", "0", "2"]), ("val/acc", "max", ["0", "2", "1"]),
+                                                  (None, None, ["1", "0", "2"])])
+def test_sweep_summary_puts_the_best_job_by_its_monitor_first(tmp_path, monitor, mode, order):
+    import json
+
+    from cifar_lightning.report import read_csv, write_summary
+    # job 1 has the lowest val loss, job 0 the highest val accuracy; None: rows from before monitors were recorded
+    for job, (loss, acc) in enumerate([(0.7, 0.83), (0.6, 0.80), (0.8, 0.82)]):
+        (tmp_path / str(job)).mkdir()
+        row = {"job": str(job), "overrides": f"seed={job}", "status": "completed", "best_val_loss": loss, "best_val_acc": acc}
+        if monitor:
+            row.update(monitor=monitor, monitor_mode=mode)
+        (tmp_path / str(job) / "summary_row.json").write_text(json.dumps(row))
+    write_summary(tmp_path)
+    assert [r["job"] for r in read_csv(tmp_path / "summary.csv")] == order
+
+
+def test_a_sweep_over_the_monitor_itself_keeps_job_order(tmp_path):
+    import json
+
+    from cifar_lightning.report import read_csv, write_summary
+    for job, monitor, mode in [(0, "val/acc", "max"), (1, "val/loss", "min"), (10, "val/loss", "min"), (2, "val/acc", "max")]:
+        (tmp_path / str(job)).mkdir()
+        row = {"job": str(job), "overrides": f"monitor={monitor}", "status": "completed", "best_val_loss": 1 / (job + 1),
+               "best_val_acc": 0.5, "monitor": monitor, "monitor_mode": mode}
+        (tmp_path / str(job) / "summary_row.json").write_text(json.dumps(row))
+    write_summary(tmp_path)
+    assert [r["job"] for r in read_csv(tmp_path / "summary.csv")] == ["0", "1", "2", "10"]  # 10 after 2: numeric
