@@ -50,6 +50,7 @@ from cifar_lightning.config import (BOOLEAN, check_targets, check_values, comple
                                     number, one_of, whole)
 from cifar_lightning.data.cache import load_split
 from cifar_lightning.data.folder import KerasImageFolder
+from cifar_lightning.data.datamodule import eval_batch_size
 from cifar_lightning.data.sampler import DirectoryBatchSampler
 from cifar_lightning.errors import cli
 from cifar_lightning.model.module import Classifier
@@ -187,7 +188,8 @@ def plain_epoch(cfg: DictConfig, data: dict, device: torch.device, batch_size: i
     # data path's cost, which is what the limit leaves out.
     batches = [torch.tensor(b, device=device)
                for b in DirectoryBatchSampler(sizes, batch_size, cfg.fidelity.batching, cfg.seed).batches()]
-    n_train, n_val = caps(len(batches), math.ceil(len(vy) / batch_size), cfg.max_steps)
+    vbs = eval_batch_size(cfg.data.eval_batch_size, batch_size, device)  # validation batches, as (c) has them
+    n_train, n_val = caps(len(batches), math.ceil(len(vy) / vbs), cfg.max_steps)
     net = make_net(cfg, data["num_classes"]).to(device)
     opt = complete(instantiate(cfg.optim, "optim"), "optim", params=net.parameters())
     channels_last = bool(cfg.model.channels_last)
@@ -206,10 +208,10 @@ def plain_epoch(cfg: DictConfig, data: dict, device: torch.device, batch_size: i
     @torch.no_grad()
     def validate(steps):
         net.eval()
-        end = min(steps * batch_size, len(vy))
+        end = min(steps * vbs, len(vy))
         correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no per-step sync
-        for i in range(0, end, batch_size):
-            correct += (net(fmt(vx[i:i + batch_size])).argmax(1) == vy[i:i + batch_size]).sum()
+        for i in range(0, end, vbs):
+            correct += (net(fmt(vx[i:i + vbs])).argmax(1) == vy[i:i + vbs]).sum()
         return correct.item() / end
 
     w = cfg.warmup_steps
@@ -315,7 +317,7 @@ def pipeline_b(cfg: DictConfig, device: torch.device, num_classes: int) -> dict:
 
 
 def pipeline_c(cfg: DictConfig, datamodule, classes: list[str], sizes: list[int], n_val_images: int,
-               precision: str) -> dict:
+               precision: str, device: torch.device) -> dict:
     """What train runs: the Classifier and the datamodule in a Trainer with the configured callbacks
     (checkpoints, early stopping, progress bar, history...) and logger, all timed. Each fit writes
     into its own directory, removed afterwards."""
@@ -336,7 +338,8 @@ def pipeline_c(cfg: DictConfig, datamodule, classes: list[str], sizes: list[int]
     bs = cfg.data.batch_size
     n_train = len(DirectoryBatchSampler(sizes, bs, cfg.fidelity.batching))
     try:
-        return lightning_epoch(make_trainer, model, n_train, math.ceil(n_val_images / bs), cfg,
+        n_val = math.ceil(n_val_images / eval_batch_size(cfg.data.eval_batch_size, bs, device))
+        return lightning_epoch(make_trainer, model, n_train, n_val, cfg,
                                compiled=bool(cfg.model.compile), datamodule=datamodule)
     finally:
         shutil.rmtree(fits, ignore_errors=True)
@@ -426,11 +429,12 @@ def bench(cfg: DictConfig) -> dict:
     out = {"machine": machine(device), "overrides": list(HydraConfig.get().overrides.task),
            "settings": {"pipelines": list(cfg.pipelines), "batch_size": bs, "max_steps": cfg.max_steps,
                         "warmup_steps": cfg.warmup_steps, "data_root": str(cfg.data.root),
-                        "batching": cfg.fidelity.batching, "device": str(device)},
+                        "batching": cfg.fidelity.batching, "device": str(device),
+                        "eval_batch_size": eval_batch_size(cfg.data.eval_batch_size, bs, device)},
            "rss_after_imports_MiB": round(RSS_AFTER_IMPORTS_MiB, 1),
            "children_ru_maxrss_after_imports_MiB": round(CHILDREN_AFTER_IMPORTS_MiB, 1), "notes": []}
     print(f"device {out['machine']['device']}  |  {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads  |  "
-          f"batch {bs}  |  max_steps {cfg.max_steps}  |  warm-up {cfg.warmup_steps} steps")
+          f"batch {bs} (validation {out['settings']['eval_batch_size']})  |  max_steps {cfg.max_steps}  |  warm-up {cfg.warmup_steps} steps")
 
     # The cache, timed on a copy of one split; then the real datamodule, set up as train does.
     reset_peaks()
@@ -476,7 +480,7 @@ def bench(cfg: DictConfig) -> dict:
                     c_cfg = copy.deepcopy(cfg)
                     c_cfg.model.compile, c_cfg.model.cuda_graph = bool(compiled), bool(graphed)
                     runners.append(("c", v, f"c  cifar_lightning, {v}",  # one datamodule for all: the cache loads once
-                                    lambda p=p, c_cfg=c_cfg: pipeline_c(c_cfg, dm, classes, sizes, n_val_images, p)))
+                                    lambda p=p, c_cfg=c_cfg: pipeline_c(c_cfg, dm, classes, sizes, n_val_images, p, device)))
     timed: dict[tuple[str, str], list[dict]] = {}
     for k in range(cfg.rounds):
         for pipeline, variant, name, run in runners:

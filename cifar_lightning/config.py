@@ -118,6 +118,7 @@ MONITOR_MODES = {"val/loss": "min", "val/acc": "max"}
 RULES = {
     "seed": whole(0), "test": BOOLEAN, "monitor": one_of(*MONITOR_MODES), "monitor_mode": one_of("min", "max"),
     "data.batch_size": whole(1), "data.image_size": whole(1), "data.num_workers": whole(0),
+    "data.eval_batch_size": ((lambda v: v == "auto" or _is_int(v) and v >= 1), "must be auto or a whole number >= 1"),
     "data.cache": BOOLEAN, "data.skip_bad_files": BOOLEAN, "data.train_dirs": list_of(NAME, "[train_1,train_2]"),
     "model.widths": WHOLE_LIST, "model.hidden": whole(1), "model.dropout": number(0, 1, below=True),
     "model.num_classes": whole(1), "model.bn_momentum": number(0, 1), "model.bn_eps": number(0, above=True),

@@ -39,7 +39,8 @@ def build_datamodule(cfg: DictConfig) -> CifarDataModule:
     return CifarDataModule(root=d.root, source=str(d.source), train_dirs=list(d.train_dirs), val_dir=d.val_dir,
                            test_dir=d.test_dir, batch_size=d.batch_size, image_size=d.image_size, cache=d.cache,
                            num_workers=d.num_workers, skip_bad_files=d.skip_bad_files,
-                           batching=cfg.fidelity.batching, resize=cfg.fidelity.resize, seed=cfg.seed)
+                           batching=cfg.fidelity.batching, resize=cfg.fidelity.resize, seed=cfg.seed,
+                           eval_batch_size=d.eval_batch_size)
 
 
 def build_logger_and_callbacks(cfg: DictConfig) -> tuple:

@@ -11,7 +11,7 @@ from cifar_lightning.data.datamodule import CifarDataModule
 from cifar_lightning.data.folder import KerasImageFolder, decode
 from cifar_lightning.data.sampler import DirectoryBatchSampler
 from cifar_lightning.errors import UserError
-from tests.conftest import CLASSES, make_layout, write_images
+from tests.conftest import CLASSES, cfg_for, make_layout, write_images
 
 
 def test_per_directory_batching_gives_628_steps():
@@ -176,3 +176,46 @@ def test_bad_file_found_at_setup_or_skipped(tmp_path):
         with pytest.warns(UserWarning, match=r"skipped 1 unreadable image.*zz_bad.png"):
             dm = _datamodule(root, train_dirs=["train_1"], cache=cache, skip_bad_files=True)
         assert len(dm.paths["valid"]) == 4 and not any("zz_bad" in p for p in dm.paths["valid"])
+
+
+def test_eval_batch_size_auto_is_the_train_batch_on_the_cpu_and_1024_on_a_gpu():
+    from cifar_lightning.data.datamodule import eval_batch_size
+    assert eval_batch_size("auto", 64, torch.device("cpu")) == 64
+    assert eval_batch_size("auto", 64, torch.device("cuda")) == 1024
+    assert eval_batch_size("auto", 2048, torch.device("cuda")) == 2048
+    assert eval_batch_size(100, 64, torch.device("cuda")) == 100
+
+
+def test_validation_and_test_loaders_use_the_eval_batch_size(tiny_layout, tmp_path):
+    from cifar_lightning.train import build_datamodule
+    dm = build_datamodule(cfg_for(tmp_path, tiny_layout, "data.batch_size=8", "data.eval_batch_size=3"))
+    dm.setup("fit")
+    assert [len(b) for b in dm.val_dataloader().batch_sampler] == [3] * 6 + [2]  # 20 images
+    assert len(dm.test_dataloader().batch_sampler) == 10  # 30 images
+    assert {len(b) for b in dm.train_dataloader().batch_sampler} == {8, 4}  # 20 per directory: 8, 8, 4
+
+
+def test_validation_and_test_results_do_not_depend_on_the_eval_batch_size(tiny_layout, tmp_path):
+    # Per-image means: batches of 3 or of 1,000 images give the same metrics up to float rounding, and the
+    # same predictions in the same file order. Training batches are the same, so training is too.
+    import csv
+    import json
+
+    from cifar_lightning.train import train
+    runs = {}
+    for size in (3, 1000):
+        run = tmp_path / str(size)
+        train(cfg_for(run, tiny_layout, "trainer.max_epochs=2", "data.batch_size=8", "logger=none",
+                      f"data.eval_batch_size={size}"))
+        with open(run / "history.csv") as f:
+            history = list(csv.DictReader(f))
+        with open(run / "predictions.csv") as f:
+            predictions = [(r["path"], r["prediction"]) for r in csv.DictReader(f)]
+        runs[size] = history, predictions, json.loads((run / "metrics.json").read_text())
+    (h3, p3, m3), (h1000, p1000, m1000) = runs[3], runs[1000]
+    for a, b in zip(h3, h1000, strict=True):
+        assert a["train_loss"] == b["train_loss"]  # the same training
+        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-5)
+        assert float(a["val_acc"]) == pytest.approx(float(b["val_acc"]), abs=1e-6)
+    assert p3 == p1000 and len(p3) == 30
+    assert m3["test_accuracy"] == pytest.approx(m1000["test_accuracy"], abs=1e-9)
