@@ -13,6 +13,8 @@ Times, in one run and interleaved over --rounds, ms per training step of:
           monitor, history, TensorBoard), as train and the benchmark's (c) run it
   c-log   the same with self.log(...) called every step, the common Lightning idiom (our code until
           2026-11-27)
+  graph0  c+cb with model.cuda_graph=true and a graph whose replay does nothing: the host's cost per
+          step when the step is one CUDA graph replay (what bounds a graphed step's rate on a GPU)
 Synthetic uint8 data; same network and optimizer (conf defaults) everywhere; each fit ends with one
 untimed validation batch."""
 from __future__ import annotations
@@ -40,6 +42,22 @@ from cifar_lightning.data.sampler import DirectoryBatchSampler
 from cifar_lightning.model.module import Classifier
 from cifar_lightning.model.net import build_net
 from cifar_lightning.train import build_logger_and_callbacks
+
+
+class NoopGraph:
+    def capture(self, fn):
+        pass
+
+    def replay(self):
+        pass
+
+
+class FreeReplays(Classifier):
+    """model.cuda_graph's path with the replay made free, on any device."""
+    graph_type = NoopGraph
+
+    def cuda_graph_blocker(self):
+        return None
 
 
 class PerStepLogging(Classifier):
@@ -118,13 +136,15 @@ def main():
     x = torch.randint(0, 256, (n, 3, args.size, args.size), dtype=torch.uint8, device=device)
     y = torch.randint(0, 10, (n,), device=device)
     batches = [torch.tensor(b, device=device) for b in DirectoryBatchSampler([n], args.batch, "per_directory", 0).batches()]
-    times = {"a": [], "c": [], "c+cb": [], "c-log": []}
-    for _ in range(args.rounds):  # interleaved, so a slow spell on a shared machine hits all four
+    times = {"a": [], "c": [], "c+cb": [], "c-log": [], "graph0": []}
+    for _ in range(args.rounds):  # interleaved, so a slow spell on a shared machine hits them all
         times["a"].append(plain(model_cfg, optim_cfg, x, y, batches, args.size, device))
         times["c"].append(lightning(Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device))
         times["c+cb"].append(lightning(Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device,
                                        train_cfg=cfg))
         times["c-log"].append(lightning(PerStepLogging, model_cfg, optim_cfg, x, y, args.batch, args.size, device))
+        times["graph0"].append(lightning(FreeReplays, {**model_cfg, "cuda_graph": True}, optim_cfg, x, y, args.batch,
+                                         args.size, device, train_cfg=cfg))
     a = statistics.median(times["a"])
     print(f"\n{args.size}x{args.size} images, batch {args.batch}, {args.steps} steps, {device}, "
           f"{torch.get_num_threads()} thread(s); median of {args.rounds} interleaved rounds")

@@ -48,7 +48,7 @@ def test_gpu_batches_are_gathered_without_a_host_sync():
     assert torch.equal(y.cpu(), torch.tensor([5, 3, 9])) and torch.equal(x, images[[5, 3, 9]])
 
 
-def test_step_overhead_script_times_the_four_loops():
+def test_step_overhead_script_times_the_five_loops():
     import subprocess
     import sys
     from pathlib import Path
@@ -57,7 +57,7 @@ def test_step_overhead_script_times_the_four_loops():
     res = subprocess.run([sys.executable, "scripts/step_overhead.py", "--steps", "30", "--rounds", "2"], cwd=root,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    names = ("a", "c", "c+cb", "c-log")
+    names = ("a", "c", "c+cb", "c-log", "graph0")
     rows = {f[0]: f for f in (line.split() for line in res.stdout.splitlines()) if f and f[0] in names}
     assert set(rows) == set(names)
     assert all(float(f[1]) > 0 and len(f) == 6 for f in rows.values())  # median, over a, a/x, 2 rounds
