@@ -131,6 +131,12 @@ RULES = {
     "trainer.deterministic": ((lambda v: isinstance(v, bool) or v == "warn"), "must be true, false or warn"),
     "callbacks.early_stopping.patience": whole(0), "callbacks.early_stopping.min_delta": number(0),
     "callbacks.early_stopping.check_finite": BOOLEAN, "callbacks.progress_bar.refresh_rate": whole(0),
+    # The Classifier runs its own optimizer step (Lightning's manual optimization), which these two
+    # Trainer options would reach into; Lightning would stop with a traceback
+    "trainer.accumulate_grad_batches": ((lambda v: v == 1), "is not supported: the Classifier steps its optimizer "
+                                        "itself (Lightning's manual optimization); use a larger data.batch_size"),
+    "trainer.gradient_clip_val": ((lambda v: v == 0), "is not supported: the Classifier steps its optimizer itself "
+                                  "(Lightning's manual optimization)"),
 }
 TEXT_KEYS = {"_target_", "mode", "counting", "interval"}  # the only optim/scheduler keys that hold text
 

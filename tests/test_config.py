@@ -134,6 +134,10 @@ def test_command_line_check_passes_allowed_targets_and_deletions():
     ("callbacks.early_stopping.min_delta=abc", "callbacks.early_stopping.min_delta=abc: must be a number >= 0"),
     ("callbacks.early_stopping.check_finite=no", "callbacks.early_stopping.check_finite=no: must be true or false"),
     ("callbacks.progress_bar.refresh_rate=abc", "callbacks.progress_bar.refresh_rate=abc: must be a whole number >= 0"),
+    ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not supported: the Classifier steps "
+     "its optimizer itself (Lightning's manual optimization); use a larger data.batch_size"),
+    ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0 is not supported: the Classifier steps its "
+     "optimizer itself (Lightning's manual optimization)"),
 ])
 def test_a_value_of_the_wrong_kind_is_named_before_anything_runs(override, message, tmp_path):
     from cifar_lightning.train import train
