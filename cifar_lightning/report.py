@@ -165,10 +165,15 @@ def plot_history(rows: list[dict], reference: list[dict] | None = None, referenc
     return fig
 
 
+def history_column(monitor: str) -> str:
+    """history.csv's column for a monitored metric (val/loss -> val_loss); metrics.json has it as best_<column>."""
+    return monitor.replace("/", "_")
+
+
 def best_epoch(rows: list[dict], monitor: str = "val/loss", mode: str = "min") -> int | None:
     """First epoch with the best finite `monitor` (history.csv's column: val/loss -> val_loss), as
     ModelCheckpoint picks best.ckpt; Keras, too, counts only strict improvements."""
-    column, sign = monitor.replace("/", "_"), (1 if mode == "min" else -1)
+    column, sign = history_column(monitor), (1 if mode == "min" else -1)
     best, best_value = None, math.inf
     for r in rows:
         v = float(r[column]) if r.get(column) not in (None, "") else math.nan
@@ -284,7 +289,7 @@ def sort_by_monitor(rows: list[dict]) -> None:
         rows.sort(key=lambda r: int(r["job"]) if str(r["job"]).isdigit() else 0)
         return
     ((monitor, mode),) = monitors
-    key, sign = "best_" + monitor.replace("/", "_"), -1 if mode == "max" else 1
+    key, sign = "best_" + history_column(monitor), -1 if mode == "max" else 1
     rows.sort(key=lambda r: (r.get(key) is None, sign * (r.get(key) or 0.0)))
 
 

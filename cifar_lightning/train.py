@@ -28,7 +28,7 @@ from cifar_lightning.errors import UserError, cli
 from cifar_lightning.model.checkpoint import load_checkpoint
 from cifar_lightning.model.module import Classifier
 from cifar_lightning.model.net import count_params, summary
-from cifar_lightning.report import best_epoch, plot_history, save_figure, write_evaluation, write_json
+from cifar_lightning.report import best_epoch, history_column, plot_history, save_figure, write_evaluation, write_json
 
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _main(cfg: DictConfig) -> float:
-    return train(cfg)["best_" + cfg.monitor.replace("/", "_")]  # the monitored value, for sweepers
+    return train(cfg)["best_" + history_column(cfg.monitor)]  # the monitored value, for sweepers
 
 
 if __name__ == "__main__":

@@ -134,6 +134,8 @@ def test_command_line_check_passes_allowed_targets_and_deletions():
     ("callbacks.early_stopping.min_delta=abc", "callbacks.early_stopping.min_delta=abc: must be a number >= 0"),
     ("callbacks.early_stopping.check_finite=no", "callbacks.early_stopping.check_finite=no: must be true or false"),
     ("callbacks.progress_bar.refresh_rate=abc", "callbacks.progress_bar.refresh_rate=abc: must be a whole number >= 0"),
+    ("data.eval_batch_size=0", "data.eval_batch_size=0: must be auto or a whole number >= 1"),
+    ("model.cuda_graph=yes", "model.cuda_graph=yes: must be true or false"),
     ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not supported: the Classifier steps "
      "its optimizer itself (Lightning's manual optimization); use a larger data.batch_size"),
     ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0 is not supported: the Classifier steps its "
@@ -165,6 +167,7 @@ def test_every_option_passes_the_value_check(group, option, tmp_path):
     ("bench", "pipelines=[a,d]", "pipelines=['a', 'd']: must be a list like [a,b,c]; each item must be one of: a, b, c"),
     ("bench", "fractions=[0]", "fractions=[0]: must be a list like [0.25,0.5,1.0]; each item must be a number in (0, 1]"),
     ("bench", "compile_c=[no]", "compile_c=['no']: must be a list like [false,true]; each item must be true or false"),
+    ("bench", "cuda_graph_c=[no]", "cuda_graph_c=['no']: must be a list like [false,true]; each item must be true or false"),
 ])
 def test_evaluate_predict_and_bench_check_their_own_values_first(entry, override, message, tmp_path):
     from cifar_lightning.bench import bench

@@ -15,6 +15,7 @@ Rules that keep a replay the same step as an eager one:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -40,7 +41,7 @@ class GraphedStep:
                 group["capturable"] = True
         for state in optimizer.state.values():  # a resumed run's counters were saved on the CPU
             if torch.is_tensor(state.get("step")) and state["step"].device.type == "cpu":
-                param_device = next(iter(v.device for v in state.values() if torch.is_tensor(v) and v.dim()), None)
+                param_device = next((v.device for v in state.values() if torch.is_tensor(v) and v.dim()), None)
                 if param_device is not None:
                     state["step"] = state["step"].to(param_device, torch.float32)
 
@@ -100,20 +101,14 @@ class CudaGraph:
         self.graph.replay()
 
 
-class _side_stream:
+@contextlib.contextmanager
+def _side_stream(device: torch.device):
     """Runs the block on a fresh CUDA stream, ordered after and before the current one (no-op on CPU)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            self.main, self.side = torch.cuda.current_stream(), torch.cuda.Stream()
-            self.side.wait_stream(self.main)
-            self.ctx = torch.cuda.stream(self.side)
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.ctx.__exit__(*exc)
-            self.main.wait_stream(self.side)
+    if device.type != "cuda":
+        yield
+        return
+    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        yield
+    main.wait_stream(side)
