@@ -416,15 +416,7 @@ def bench(cfg: DictConfig) -> dict:
     check_values(cfg, BENCH_RULES)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_float32_matmul_precision("high")  # as train: TF32 where the GPU has it
-    if cfg.threads:  # on a busy machine fewer threads than cores avoids OpenMP spin-waiting on taken cores
-        torch.set_num_threads(cfg.threads)
-    # Lightning's per-Trainer banners and the "few workers"/"logging interval" hints would bury the tables.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
-    use_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-    device = torch.device("cuda" if use_gpu else "cpu")
+    device = quiet_setup(cfg)
     bs = cfg.data.batch_size
     out = {"machine": machine(device), "overrides": list(HydraConfig.get().overrides.task),
            "settings": {"pipelines": list(cfg.pipelines), "batch_size": bs, "max_steps": cfg.max_steps,
@@ -435,74 +427,116 @@ def bench(cfg: DictConfig) -> dict:
            "children_ru_maxrss_after_imports_MiB": round(CHILDREN_AFTER_IMPORTS_MiB, 1), "notes": []}
     print(f"device {out['machine']['device']}  |  {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads  |  "
           f"batch {bs} (validation {out['settings']['eval_batch_size']})  |  max_steps {cfg.max_steps}  |  warm-up {cfg.warmup_steps} steps")
+    dm, data = load_data(cfg, device, out)
+    runners = make_runners(cfg, dm, data, device, out["notes"])
+    timed = run_rounds(runners, cfg.rounds, device)
+    rows = [{"pipeline": pl, "name": name, "variant": v, "precision": v.split("+")[0], **median_run(timed[pl, v]),
+             "memory": max((r["memory"] for r in timed[pl, v]), key=lambda m: m["peak_rss_MiB"]),
+             "rounds": [{k: r[k] for k in ("epoch_s", "images_per_s", "one_off_s")} for r in timed[pl, v]]}
+            for pl, v, name, _ in runners]
+    if "a" in cfg.pipelines:
+        out.update(scaling(cfg, data, device, median_run(timed["a", "32-true"])))
+    del data
+    free(device)
+    ratios, per_round = paired_ratios(rows, timed)
+    out.update(results=rows, ratios=ratios, ratios_per_round=per_round, compile_payoff=compile_payoff(timed))
+    print_report(cfg, out, device)
+    write_json(run_dir / "bench.json", out)
+    print(f"bench.json in {run_dir}")
+    return out
 
-    # The cache, timed on a copy of one split; then the real datamodule, set up as train does.
+
+def quiet_setup(cfg: DictConfig) -> torch.device:
+    """Threads, TF32 and log levels as train has them; returns the device every pipeline runs on."""
+    torch.set_float32_matmul_precision("high")  # as train: TF32 where the GPU has it
+    if cfg.threads:  # on a busy machine fewer threads than cores avoids OpenMP spin-waiting on taken cores
+        torch.set_num_threads(cfg.threads)
+    # Lightning's per-Trainer banners and the "few workers"/"logging interval" hints would bury the tables.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+    use_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    return torch.device("cuda" if use_gpu else "cpu")
+
+
+def load_data(cfg: DictConfig, device: torch.device, out: dict) -> tuple:
+    """Times the cache on a copy of one split (into out["cache"]), then sets up the real datamodule as
+    train does. Returns (c)'s datamodule and what the other pipelines need: classes, the train dirs'
+    sizes, the validation size and, when (a) runs, the cached tensors on `device`."""
     reset_peaks()
     dm = build_datamodule(cfg)
     dm.prepare_data()  # builds data.root from data.source if it lacks the layout (untimed)
-    out["cache"] = time_cache(cfg)
+    cache = out["cache"] = time_cache(cfg)
     cached = copy.deepcopy(cfg)
     cached.data.cache = True  # (a) needs the tensors even when (c) runs the per-file path
     base = build_datamodule(cached)
     had_cache = all(any(Path(cfg.data.root).glob(f".cache-{s}-*.pt")) for s in base.split_names)
     t0 = time.perf_counter()
     base.setup("fit")
-    out["cache"].update(setup_s=round(time.perf_counter() - t0, 3), setup_had_cache=had_cache)
-    out["cache"]["memory"] = memory()
-    train_ds, val_ds = base.train_dataloader(), base.val_dataloader()
-    classes, sizes = base.classes, train_ds.batch_sampler.sizes
-    n_val_images = len(val_ds.dataset)
-    cache = out["cache"]
+    cache.update(setup_s=round(time.perf_counter() - t0, 3), setup_had_cache=had_cache, memory=memory())
+    train, val = base.train_dataloader(), base.val_dataloader()
+    data = {"classes": base.classes, "sizes": train.batch_sampler.sizes, "n_val_images": len(val.dataset)}
+    if "a" in cfg.pipelines:
+        data.update(x=train.dataset.images.to(device), y=train.dataset.labels.to(device),
+                    vx=val.dataset.images.to(device), vy=val.dataset.labels.to(device), num_classes=len(base.classes))
     print(f"cache: build {cache['split']} ({cache['images']:,} images) {cache['build_s']:.2f} s = "
           f"{cache['build_images_per_s']:,.0f} images/s; load {cache['load_s']:.3f} s; datamodule setup, "
           f"{len(base.split_names)} splits {'from cache' if had_cache else 'building caches'}: {cache['setup_s']:.2f} s")
+    return dm, data
 
-    # Each timed epoch is a closure; `rounds` runs them all in turn, a, b, c, a, b, c..., so a slow
-    # spell on a shared machine lands on every pipeline alike, and each round gives a paired ratio.
-    runners = []  # (pipeline, variant, row name, run); a variant is a precision, +compile, +graph
+
+def make_runners(cfg: DictConfig, dm, data: dict, device: torch.device, notes: list) -> list[tuple]:
+    """(pipeline, variant, row name, run) per timed epoch; a variant is a precision, +compile, +graph."""
+    bs, classes = cfg.data.batch_size, data["classes"]
+    runners = []
     if "a" in cfg.pipelines:
-        data = {"x": train_ds.dataset.images.to(device), "y": train_ds.dataset.labels.to(device), "sizes": sizes,
-                "vx": val_ds.dataset.images.to(device), "vy": val_ds.dataset.labels.to(device),
-                "num_classes": len(classes)}
         runners.append(("a", "32-true", "a  plain loop, uint8 tensor", lambda: plain_epoch(cfg, data, device, bs)))
-    del train_ds, val_ds, base
     if "b" in cfg.pipelines:
         runners.append(("b", "32-true", "b  Lightning + ImageFolder + ToTensor",
                         lambda: pipeline_b(cfg, device, len(classes))))
-    if "c" in cfg.pipelines:
-        for p in map(str, cfg.precision):
-            if "16" in p and device.type != "cuda":
-                out["notes"].append(f"(c) at precision {p} skipped: needs CUDA, this run is on CPU")
-                continue
-            for compiled in ([cfg.model.compile] if cfg.compile_c is None else cfg.compile_c):
-                for graphed in ([cfg.model.cuda_graph] if cfg.cuda_graph_c is None else cfg.cuda_graph_c):
-                    v = p + ("+compile" if compiled else "") + ("+graph" if graphed else "")
-                    c_cfg = copy.deepcopy(cfg)
-                    c_cfg.model.compile, c_cfg.model.cuda_graph = bool(compiled), bool(graphed)
-                    runners.append(("c", v, f"c  cifar_lightning, {v}",  # one datamodule for all: the cache loads once
-                                    lambda p=p, c_cfg=c_cfg: pipeline_c(c_cfg, dm, classes, sizes, n_val_images, p, device)))
+    if "c" not in cfg.pipelines:
+        return runners
+    for p in map(str, cfg.precision):
+        if "16" in p and device.type != "cuda":
+            notes.append(f"(c) at precision {p} skipped: needs CUDA, this run is on CPU")
+            continue
+        for compiled in ([cfg.model.compile] if cfg.compile_c is None else cfg.compile_c):
+            for graphed in ([cfg.model.cuda_graph] if cfg.cuda_graph_c is None else cfg.cuda_graph_c):
+                v = p + ("+compile" if compiled else "") + ("+graph" if graphed else "")
+                c_cfg = copy.deepcopy(cfg)
+                c_cfg.model.compile, c_cfg.model.cuda_graph = bool(compiled), bool(graphed)
+                runners.append(("c", v, f"c  cifar_lightning, {v}",  # one datamodule for all: the cache loads once
+                                lambda p=p, c_cfg=c_cfg: pipeline_c(c_cfg, dm, classes, data["sizes"],
+                                                                    data["n_val_images"], p, device)))
+    return runners
+
+
+def run_rounds(runners: list[tuple], rounds: int, device: torch.device) -> dict[tuple[str, str], list[dict]]:
+    """Every runner once per round, in turn (a, b, c, a, b, c...), so a slow spell on a shared machine
+    lands on every pipeline alike and each round gives a paired ratio."""
     timed: dict[tuple[str, str], list[dict]] = {}
-    for k in range(cfg.rounds):
+    for k in range(rounds):
         for pipeline, variant, name, run in runners:
             reset_peaks()
             timed.setdefault((pipeline, variant), []).append({**run(), "memory": memory()})
-            progress(f"round {k + 1}/{cfg.rounds}  {name}", timed[pipeline, variant][-1])
+            progress(f"round {k + 1}/{rounds}  {name}", timed[pipeline, variant][-1])
             free(device)
-    rows = [{"pipeline": pl, "name": name, "variant": pr, "precision": pr.split("+")[0], **median_run(timed[pl, pr]),
-             "memory": max((r["memory"] for r in timed[pl, pr]), key=lambda m: m["peak_rss_MiB"]),
-             "rounds": [{k: r[k] for k in ("epoch_s", "images_per_s", "one_off_s")} for r in timed[pl, pr]]}
-            for pl, pr, name, _ in runners]
-    if "a" in cfg.pipelines:  # how the limit scales; the main run stands in for (batch_size, 1.0)
-        a = median_run(timed["a", "32-true"])
-        out["scaling_batch_size"] = [{"batch_size": b, **(a if b == bs else progress(
-            f"(a) at batch {b}", plain_epoch(cfg, data, device, b)))} for b in cfg.batch_sizes]
-        out["scaling_fraction"] = [{"fraction": f, **(a if f == 1 else progress(
-            f"(a) on {f:g} of the train set", plain_epoch(cfg, data, device, bs, f)))} for f in cfg.fractions]
-        del data
-    free(device)
+    return timed
 
-    # Ratios of (c) at the first precision over (a) and (b), and of a bf16 row over fp32 (c): the median
-    # of the per-round ratios (each pair timed minutes apart), and each round's.
+
+def scaling(cfg: DictConfig, data: dict, device: torch.device, a: dict) -> dict:
+    """How the limit (a) scales with batch size and train-set fraction; the main run `a` stands in for
+    (data.batch_size, all of the train set)."""
+    bs = cfg.data.batch_size
+    return {"scaling_batch_size": [{"batch_size": b, **(a if b == bs else progress(
+                f"(a) at batch {b}", plain_epoch(cfg, data, device, b)))} for b in cfg.batch_sizes],
+            "scaling_fraction": [{"fraction": f, **(a if f == 1 else progress(
+                f"(a) on {f:g} of the train set", plain_epoch(cfg, data, device, bs, f)))} for f in cfg.fractions]}
+
+
+def paired_ratios(rows: list[dict], timed: dict) -> tuple[dict, dict]:
+    """c/a and c/b for (c)'s first variant, and every other (c) variant over it: the median of the
+    per-round ratios (each pair timed minutes apart), and each round's."""
     c0 = next((r for r in rows if r["pipeline"] == "c"), None)
     ratios, per_round = {}, {}
 
@@ -516,17 +550,19 @@ def bench(cfg: DictConfig) -> dict:
     for r in rows:
         if r["pipeline"] == "c" and r is not c0:
             ratio(f"c[{r['variant']}]/c[{c0['variant']}]", ("c", r["variant"]), ("c", c0["variant"]))
-    out["compile_payoff"] = compile_payoff(timed)
-    ips = {(r["pipeline"], r["variant"]): r["images_per_s"] for r in rows}
-    base_ips = ips.get(("a", "32-true"))
-    out.update(results=rows, ratios=ratios, ratios_per_round=per_round)
+    return ratios, per_round
+
+
+def print_report(cfg: DictConfig, out: dict, device: torch.device) -> None:
+    rows, ratios, per_round = out["results"], out["ratios"], out["ratios_per_round"]
+    base_ips = next((r["images_per_s"] for r in rows if r["pipeline"] == "a"), None)
     # Capped: the extrapolated full epoch is worth a column, and val acc is not (capped validation
     # sees the first, class-sorted, images only: one or two classes).
     drop = "val_acc" if cfg.max_steps else "full_epoch_s_est"
     epoch_cols = [c for c in EPOCH_COLS if c[1] != drop]
-
-    print(f"\n== one epoch = train + validation, batch {bs}" + (f", capped at {cfg.max_steps} steps" if cfg.max_steps
-                                                                  else "") + " ==")
+    bs = cfg.data.batch_size
+    print(f"\n== one epoch = train + validation, batch {bs}"
+          + (f", capped at {cfg.max_steps} steps" if cfg.max_steps else "") + " ==")
     shown = [{**with_steps(r), "vs_a": base_ips and r["images_per_s"] / base_ips,
               "peak_rss": r["memory"]["peak_rss_MiB"], "gpu_peak": r["memory"].get("gpu_peak_MiB")} for r in rows]
     cols = [("pipeline", "name", "")] + epoch_cols + [("x a", "vs_a", ".2f"), ("peak RSS MiB", "peak_rss", ",.0f")]
@@ -556,9 +592,6 @@ def bench(cfg: DictConfig) -> dict:
     print(f"\nRSS after imports {RSS_AFTER_IMPORTS_MiB:,.0f} MiB; peak RSS per stage (MiB): "
           + ", ".join([f"cache+setup {out['cache']['memory']['peak_rss_MiB']:,.0f}"]
                       + [f"{r['pipeline']}[{r['variant']}] {r['memory']['peak_rss_MiB']:,.0f}" for r in rows]))
-    write_json(run_dir / "bench.json", out)
-    print(f"bench.json in {run_dir}")
-    return out
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
