@@ -128,6 +128,7 @@ RULES = {
     "optim.eps_inside_root": BOOLEAN,
     "trainer.max_epochs": ((lambda v: _is_int(v) and (v == -1 or v >= 1)), "must be -1 (no limit) or a whole number >= 1"),
     "trainer.log_every_n_steps": whole(1), "scheduler.patience": whole(0),
+    "trainer.profiler": one_of("simple", "advanced", "pytorch"),
     "trainer.deterministic": ((lambda v: isinstance(v, bool) or v == "warn"), "must be true, false or warn"),
     "callbacks.early_stopping.patience": whole(0), "callbacks.early_stopping.min_delta": number(0),
     "callbacks.early_stopping.check_finite": BOOLEAN, "callbacks.progress_bar.refresh_rate": whole(0),

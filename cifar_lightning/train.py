@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_lightning.callbacks import History, RandomState
@@ -52,6 +53,16 @@ def build_logger_and_callbacks(cfg: DictConfig) -> tuple:
     callbacks = [instantiate(c, f"callbacks.{k}") for k, c in cfg.callbacks.items()
                  if c is not None and (logger or k != "lr_monitor")]
     return logger, callbacks + [History(run_dir / "history.csv"), RandomState()]
+
+
+PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}
+
+
+def build_profiler(cfg: DictConfig):
+    """trainer.profiler by name, writing its report into the run directory (fit-profile.txt,
+    test-profile.txt) instead of a few hundred lines onto the console; None when it is off."""
+    name = cfg.trainer.get("profiler")
+    return PROFILERS[name](dirpath=cfg.run_dir, filename="profile") if name else None
 
 
 def resolve_resume(resume: str | None) -> tuple[str, dict] | tuple[None, None]:
@@ -137,7 +148,7 @@ def train(cfg: DictConfig) -> dict:
 
     logger, callbacks = build_logger_and_callbacks(cfg)
     history = next(c for c in callbacks if isinstance(c, History))
-    trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger)
+    trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger, profiler=build_profiler(cfg))
 
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)

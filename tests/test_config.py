@@ -136,6 +136,7 @@ def test_command_line_check_passes_allowed_targets_and_deletions():
     ("callbacks.progress_bar.refresh_rate=abc", "callbacks.progress_bar.refresh_rate=abc: must be a whole number >= 0"),
     ("data.eval_batch_size=0", "data.eval_batch_size=0: must be auto or a whole number >= 1"),
     ("model.cuda_graph=yes", "model.cuda_graph=yes: must be true or false"),
+    ("trainer.profiler=fast", "trainer.profiler=fast is not one of: simple, advanced, pytorch"),
     ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not supported: the Classifier steps "
      "its optimizer itself (Lightning's manual optimization); use a larger data.batch_size"),
     ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0 is not supported: the Classifier steps its "

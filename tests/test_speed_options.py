@@ -27,6 +27,14 @@ def test_compile_option_builds_a_compiled_network(tmp_path):
     assert any("_orig_mod." in k for k in module.state_dict())
 
 
+def test_lightnings_profiler_writes_its_report_into_the_run_directory(tiny_layout, tmp_path, capsys):
+    train(cfg_for(tmp_path, tiny_layout, "trainer.profiler=simple", *FAST))
+    fit = (tmp_path / "fit-profile.txt").read_text()
+    assert fit.startswith("FIT Profiler Report") and "run_training_batch" in fit and "Strategy.training_step" in fit
+    assert "TEST Profiler Report" in (tmp_path / "test-profile.txt").read_text()
+    assert "Profiler Report" not in capsys.readouterr().out  # a file, not a few hundred lines on the console
+
+
 @pytest.mark.slow
 def test_compiled_and_bf16_training_together(tiny_layout, tmp_path):
     m = train(cfg_for(tmp_path, tiny_layout, "model.compile=true", "trainer.precision=bf16-mixed", *FAST))
