@@ -408,7 +408,10 @@ BENCH_RULES = {"pipelines": list_of(one_of("a", "b", "c"), "[a,b,c]"), "rounds":
                "warmup_steps": whole(0), "batch_sizes": list_of(whole(1), "[64,256]", empty_ok=True),
                "fractions": list_of(number(0, 1, above=True), "[0.25,0.5,1.0]", empty_ok=True),
                "compile_c": list_of(BOOLEAN, "[false,true]"), "cuda_graph_c": list_of(BOOLEAN, "[false,true]"),
-               "threads": whole(1)}
+               "threads": whole(1),
+               # it would slow (c) alone, the only pipeline whose Trainer comes from cfg.trainer
+               "trainer.profiler": ((lambda v: False), "is not for the benchmark, where it would slow (c) alone; "
+                                    "profile with python -m cifar_lightning.train trainer.profiler=...")}
 
 
 def bench(cfg: DictConfig) -> dict:
@@ -436,10 +439,10 @@ def bench(cfg: DictConfig) -> dict:
             for pl, v, name, _ in runners]
     if "a" in cfg.pipelines:
         out.update(scaling(cfg, data, device, median_run(timed["a", "32-true"])))
-    del data
+    del data, runners  # the runners hold (a)'s tensors
     free(device)
     ratios, per_round = paired_ratios(rows, timed)
-    out.update(results=rows, ratios=ratios, ratios_per_round=per_round, compile_payoff=compile_payoff(timed))
+    out.update(compile_payoff=compile_payoff(timed), results=rows, ratios=ratios, ratios_per_round=per_round)
     print_report(cfg, out, device)
     write_json(run_dir / "bench.json", out)
     print(f"bench.json in {run_dir}")
@@ -474,14 +477,14 @@ def load_data(cfg: DictConfig, device: torch.device, out: dict) -> tuple:
     t0 = time.perf_counter()
     base.setup("fit")
     cache.update(setup_s=round(time.perf_counter() - t0, 3), setup_had_cache=had_cache, memory=memory())
+    print(f"cache: build {cache['split']} ({cache['images']:,} images) {cache['build_s']:.2f} s = "
+          f"{cache['build_images_per_s']:,.0f} images/s; load {cache['load_s']:.3f} s; datamodule setup, "
+          f"{len(base.split_names)} splits {'from cache' if had_cache else 'building caches'}: {cache['setup_s']:.2f} s")
     train, val = base.train_dataloader(), base.val_dataloader()
     data = {"classes": base.classes, "sizes": train.batch_sampler.sizes, "n_val_images": len(val.dataset)}
     if "a" in cfg.pipelines:
         data.update(x=train.dataset.images.to(device), y=train.dataset.labels.to(device),
                     vx=val.dataset.images.to(device), vy=val.dataset.labels.to(device), num_classes=len(base.classes))
-    print(f"cache: build {cache['split']} ({cache['images']:,} images) {cache['build_s']:.2f} s = "
-          f"{cache['build_images_per_s']:,.0f} images/s; load {cache['load_s']:.3f} s; datamodule setup, "
-          f"{len(base.split_names)} splits {'from cache' if had_cache else 'building caches'}: {cache['setup_s']:.2f} s")
     return dm, data
 
 

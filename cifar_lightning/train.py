@@ -60,7 +60,8 @@ PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": 
 
 def build_profiler(cfg: DictConfig):
     """trainer.profiler by name, writing its report into the run directory (fit-profile.txt,
-    test-profile.txt) instead of a few hundred lines onto the console; None when it is off."""
+    test-profile.txt; fit-profile-<local rank>.txt under DDP; a resumed run appends) instead of a few
+    hundred lines onto the console; None when it is off."""
     name = cfg.trainer.get("profiler")
     return PROFILERS[name](dirpath=cfg.run_dir, filename="profile") if name else None
 
@@ -176,6 +177,8 @@ def train(cfg: DictConfig) -> dict:
     if cfg.test:
         log.info(f"Restoring best weights from the end of epoch {best}: {best_ckpt}" if best_ckpt
                  else "no best checkpoint (callbacks.checkpoint=null): testing the final weights")
+        if cfg.trainer.get("profiler"):  # a fresh one: a profiler keeps what it recorded, fit's rows included
+            trainer.profiler = build_profiler(cfg)
         trainer.test(model, datamodule=datamodule, ckpt_path=best_ckpt or None, weights_only=True, verbose=False)
         test_paths = datamodule.paths[cfg.data.test_dir]
         logits, labels = gather_test_outputs(model.test_outputs, trainer.world_size, len(test_paths))

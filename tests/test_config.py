@@ -169,6 +169,8 @@ def test_every_option_passes_the_value_check(group, option, tmp_path):
     ("bench", "fractions=[0]", "fractions=[0]: must be a list like [0.25,0.5,1.0]; each item must be a number in (0, 1]"),
     ("bench", "compile_c=[no]", "compile_c=['no']: must be a list like [false,true]; each item must be true or false"),
     ("bench", "cuda_graph_c=[no]", "cuda_graph_c=['no']: must be a list like [false,true]; each item must be true or false"),
+    ("bench", "trainer.profiler=simple", "trainer.profiler=simple is not for the benchmark, where it would slow (c) "
+     "alone; profile with python -m cifar_lightning.train trainer.profiler=..."),
 ])
 def test_evaluate_predict_and_bench_check_their_own_values_first(entry, override, message, tmp_path):
     from cifar_lightning.bench import bench
