@@ -8,7 +8,8 @@
 # OUT      where logs, bench.json and the sweep directories go (default outputs/gpu_results)
 # PARTS    comma-separated; they run in this order, most wanted first (default all):
 #            graph   model.cuda_graph=true: its CUDA tests, (a) against eager and graphed (c) at fp32 and bf16,
-#                    and the whole default recipe with graphed steps, timed as `recipe` is
+#                    the whole default recipe with graphed steps, timed as `recipe` is, and one graphed epoch
+#                    under Lightning's profiler (profile_graph/fit-profile.txt)
 #            recipe  the whole default recipe, process start to exit, caches warm (prepare builds them)
 #            bench   the (a)/(b)/(c) benchmark with fp32 and bf16 (c); then eager against torch.compile'd (c)
 #                    at fp32 (does compiling pay off?); then, on a GPU, the CUDA tests and
@@ -74,6 +75,9 @@ if has graph; then
   step bench_graph "$out/bench_graph.log" "$py" -m cifar_lightning.bench trainer="$trainer" 'pipelines=[a,c]' \
     'cuda_graph_c=[false,true]' 'batch_sizes=[]' 'fractions=[]' "${extra[@]}" hydra.run.dir="$out/bench_graph"
   recipe recipe_graph model.cuda_graph=true
+  # Lightning's profiler on one graphed epoch: what the loop and callbacks cost around each replay
+  step profile_graph "$out/profile_graph.log" "$py" -m cifar_lightning.train trainer="$trainer" model.cuda_graph=true \
+    trainer.max_epochs=1 test=false trainer.profiler=simple "${extra[@]}" hydra.run.dir="$out/profile_graph"
 fi
 has recipe && recipe recipe
 if has bench; then
