@@ -339,8 +339,12 @@ def pipeline_c(cfg: DictConfig, datamodule, classes: list[str], sizes: list[int]
     n_train = len(DirectoryBatchSampler(sizes, bs, cfg.fidelity.batching))
     try:
         n_val = math.ceil(n_val_images / eval_batch_size(cfg.data.eval_batch_size, bs, device))
-        return lightning_epoch(make_trainer, model, n_train, n_val, cfg,
-                               compiled=bool(cfg.model.compile), datamodule=datamodule)
+        r = lightning_epoch(make_trainer, model, n_train, n_val, cfg, compiled=bool(cfg.model.compile),
+                            datamodule=datamodule)
+        if model.graphed is not None:  # the timed fit is a fresh one: it warmed up and captured inside the clock
+            g = model.graphed
+            r["graph"] = {"warmup_steps": g.eager_steps, "captures": g.captures, "replays": g.replays}
+        return r
     finally:
         shutil.rmtree(fits, ignore_errors=True)
 
@@ -421,7 +425,8 @@ def bench(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     device = quiet_setup(cfg)
     bs = cfg.data.batch_size
-    out = {"machine": machine(device), "overrides": list(HydraConfig.get().overrides.task),
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None  # None: called in-process
+    out = {"machine": machine(device), "overrides": overrides,
            "settings": {"pipelines": list(cfg.pipelines), "batch_size": bs, "max_steps": cfg.max_steps,
                         "warmup_steps": cfg.warmup_steps, "data_root": str(cfg.data.root),
                         "batching": cfg.fidelity.batching, "device": str(device),
@@ -585,6 +590,11 @@ def print_report(cfg: DictConfig, out: dict, device: torch.device) -> None:
               + f"; net over 30 epochs {c['net_gain_30_epochs_s']:+.1f} s")
     for note in out["notes"]:
         print(note)
+    for r in rows:
+        if r.get("graph"):
+            g = r["graph"]
+            print(f"c[{r['variant']}]'s timed epoch (a fresh fit): {g['warmup_steps']} eager warm-up steps, "
+                  f"{g['captures']} capture(s), {g['replays']} of {r['train_steps']} steps replayed")
     if out.get("scaling_batch_size"):
         print("\n== plain loop (a) vs batch size ==")
         print(table([with_steps(r) for r in out["scaling_batch_size"]], [("batch", "batch_size", "")] + epoch_cols))

@@ -149,3 +149,19 @@ def test_a_real_cuda_graph_trains_like_eager_steps_on_the_gpu(tiny_layout, tmp_p
         assert float(g["val_loss"]) == pytest.approx(float(e["val_loss"]), rel=tol)
     ckpt = {g: torch.load(tmp_path / str(g) / "checkpoints/last.ckpt", weights_only=True) for g in runs}
     assert ckpt[True]["global_step"] == ckpt[False]["global_step"] == 3 * 12
+
+
+def test_bench_reports_how_a_graphed_timed_epoch_ran(tiny_layout, tmp_path, monkeypatch, capsys):
+    import cifar_lightning.bench as bench_module
+    from cifar_lightning.config import compose
+
+    monkeypatch.setattr(bench_module, "Classifier", CpuGraphed)
+    cfg = compose([f"run_dir={tmp_path}", f"data.root={tiny_layout}", "trainer=cpu", "pipelines=[c]",
+                   "cuda_graph_c=[true]", "batch_sizes=[]", "fractions=[]", "warmup_steps=1", "data.batch_size=4",
+                   "callbacks.progress_bar.refresh_rate=0"], config_name="bench")
+    (row,) = bench_module.bench(cfg)["results"]
+    # 4 train dirs of 20 images at batch 4: 20 full batches; the timed fit warms up (3 eager steps) and
+    # captures again, as every fresh fit does
+    assert row["variant"] == "32-true+graph" and row["train_steps"] == 20
+    assert row["graph"] == {"warmup_steps": 3, "captures": 1, "replays": 17}
+    assert "3 eager warm-up steps, 1 capture(s), 17 of 20 steps replayed" in capsys.readouterr().out
