@@ -177,8 +177,8 @@ def train(cfg: DictConfig) -> dict:
     if cfg.test:
         log.info(f"Restoring best weights from the end of epoch {best}: {best_ckpt}" if best_ckpt
                  else "no best checkpoint (callbacks.checkpoint=null): testing the final weights")
-        if cfg.trainer.get("profiler"):  # a fresh one: a profiler keeps what it recorded, fit's rows included
-            trainer.profiler = build_profiler(cfg)
+        # a fresh profiler, if any: one keeps what it recorded, and test's report would repeat fit's rows
+        trainer.profiler = build_profiler(cfg) or trainer.profiler
         trainer.test(model, datamodule=datamodule, ckpt_path=best_ckpt or None, weights_only=True, verbose=False)
         test_paths = datamodule.paths[cfg.data.test_dir]
         logits, labels = gather_test_outputs(model.test_outputs, trainer.world_size, len(test_paths))
