@@ -56,7 +56,7 @@ from cifar_lightning.errors import cli
 from cifar_lightning.model.module import Classifier
 from cifar_lightning.model.net import build_net
 from cifar_lightning.report import write_json
-from cifar_lightning.train import build_datamodule, build_logger_and_callbacks
+from cifar_lightning.wiring import build_datamodule, build_logger_and_callbacks
 
 
 def _proc_status_MiB(key: str) -> float:

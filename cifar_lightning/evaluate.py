@@ -15,11 +15,12 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from cifar_lightning.config import check_values, one_of, whole
-from cifar_lightning.data.folder import RESIZES, KerasImageFolder
+from cifar_lightning.config import check_values
+from cifar_lightning.data.folder import KerasImageFolder
 from cifar_lightning.errors import UserError, cli
 from cifar_lightning.model.checkpoint import image_rule, load_net
 from cifar_lightning.report import write_evaluation
+from cifar_lightning.wiring import INFERENCE_RULES, pick_device, predict_logits
 
 
 log = logging.getLogger(__name__)
@@ -41,27 +42,8 @@ def match_classes(folder: list[str], ckpt: list[str]) -> tuple[list[int], str]:
                     f"only in checkpoint {sorted(b - a)}")
 
 
-# evaluate's and predict's own values, checked before the checkpoint loads
-RULES = {"batch_size": whole(1), "top_k": whole(1), "device": one_of("auto", "cpu", "cuda"), "resize": one_of(*RESIZES)}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda: no CUDA GPU is usable here; use device=cpu or device=auto")
-    return torch.device(name)
-
-
-@torch.no_grad()
-def predict_logits(net, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    net = net.to(device)
-    return torch.cat([net(images[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(images), batch_size)])
-
-
 def evaluate(cfg: DictConfig) -> dict:
-    check_values(cfg, RULES)
+    check_values(cfg, INFERENCE_RULES)
     device = pick_device(cfg.device)
     net, class_names, hp = load_net(cfg.ckpt_path)
     size, resize = image_rule(hp, cfg.resize)

@@ -18,9 +18,9 @@ from omegaconf import DictConfig
 from cifar_lightning.config import check_values
 from cifar_lightning.data.folder import EXTENSIONS, decode
 from cifar_lightning.errors import UserError, cli
-from cifar_lightning.evaluate import RULES, pick_device, predict_logits
 from cifar_lightning.model.checkpoint import image_rule, load_net
 from cifar_lightning.report import short_name, write_csv
+from cifar_lightning.wiring import INFERENCE_RULES, pick_device, predict_logits
 
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def find_inputs(spec: str) -> list[Path]:
 
 
 def predict(cfg: DictConfig) -> list[dict]:
-    check_values(cfg, RULES)
+    check_values(cfg, INFERENCE_RULES)
     device = pick_device(cfg.device)
     net, class_names, hp = load_net(cfg.ckpt_path)
     size, resize = image_rule(hp, cfg.resize)

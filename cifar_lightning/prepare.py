@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from cifar_lightning.config import check_values
 from cifar_lightning.errors import cli
-from cifar_lightning.train import build_datamodule
+from cifar_lightning.wiring import build_datamodule
 
 
 log = logging.getLogger(__name__)

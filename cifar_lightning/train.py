@@ -18,52 +18,20 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_lightning.callbacks import History, RandomState
+from cifar_lightning.callbacks import History
 from cifar_lightning.config import check_targets, check_values, instantiate
-from cifar_lightning.data.datamodule import CifarDataModule
 from cifar_lightning.data.folder import find_classes
 from cifar_lightning.errors import UserError, cli
 from cifar_lightning.model.checkpoint import load_checkpoint
 from cifar_lightning.model.module import Classifier
 from cifar_lightning.model.net import count_params, summary
 from cifar_lightning.report import best_epoch, history_column, plot_history, save_figure, write_evaluation, write_json
+from cifar_lightning.wiring import build_datamodule, build_logger_and_callbacks, build_profiler
 
 
 log = logging.getLogger(__name__)
-
-
-def build_datamodule(cfg: DictConfig) -> CifarDataModule:
-    d = cfg.data
-    return CifarDataModule(root=d.root, source=str(d.source), train_dirs=list(d.train_dirs), val_dir=d.val_dir,
-                           test_dir=d.test_dir, batch_size=d.batch_size, image_size=d.image_size, cache=d.cache,
-                           num_workers=d.num_workers, skip_bad_files=d.skip_bad_files,
-                           batching=cfg.fidelity.batching, resize=cfg.fidelity.resize, seed=cfg.seed,
-                           eval_batch_size=d.eval_batch_size)
-
-
-def build_logger_and_callbacks(cfg: DictConfig) -> tuple:
-    """The configured logger (or False) and callbacks (the LR monitor only with a logger), then the
-    history file and the RNG state: what train's Trainer gets, and bench's pipeline (c). All of them
-    write into cfg.run_dir."""
-    run_dir = Path(cfg.run_dir)
-    logger = instantiate(cfg.logger, "logger") if cfg.logger.get("_target_") else False
-    callbacks = [instantiate(c, f"callbacks.{k}") for k, c in cfg.callbacks.items()
-                 if c is not None and (logger or k != "lr_monitor")]
-    return logger, callbacks + [History(run_dir / "history.csv"), RandomState()]
-
-
-PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}
-
-
-def build_profiler(cfg: DictConfig):
-    """trainer.profiler by name, writing its report into the run directory (fit-profile.txt,
-    test-profile.txt; fit-profile-<local rank>.txt under DDP; a resumed run appends) instead of a few
-    hundred lines onto the console; None when it is off."""
-    name = cfg.trainer.get("profiler")
-    return PROFILERS[name](dirpath=cfg.run_dir, filename="profile") if name else None
 
 
 def resolve_resume(resume: str | None) -> tuple[str, dict] | tuple[None, None]:

@@ -41,7 +41,7 @@ from cifar_lightning.data.datamodule import TensorImages, _whole_batch
 from cifar_lightning.data.sampler import DirectoryBatchSampler
 from cifar_lightning.model.module import Classifier
 from cifar_lightning.model.net import build_net
-from cifar_lightning.train import build_logger_and_callbacks
+from cifar_lightning.wiring import build_logger_and_callbacks
 
 
 class NoopGraph:

@@ -187,7 +187,7 @@ def test_evaluate_predict_and_bench_check_their_own_values_first(entry, override
 
 
 def test_device_cuda_without_a_gpu_is_one_error_line(monkeypatch):
-    from cifar_lightning.evaluate import pick_device
+    from cifar_lightning.wiring import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match=r"^device=cuda: no CUDA GPU is usable here"):

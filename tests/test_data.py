@@ -187,7 +187,7 @@ def test_eval_batch_size_auto_is_the_train_batch_on_the_cpu_and_1024_on_a_gpu():
 
 
 def test_validation_and_test_loaders_use_the_eval_batch_size(tiny_layout, tmp_path):
-    from cifar_lightning.train import build_datamodule
+    from cifar_lightning.wiring import build_datamodule
     dm = build_datamodule(cfg_for(tmp_path, tiny_layout, "data.batch_size=8", "data.eval_batch_size=3"))
     dm.setup("fit")
     assert [len(b) for b in dm.val_dataloader().batch_sampler] == [3] * 6 + [2]  # 20 images

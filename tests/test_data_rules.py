@@ -12,7 +12,7 @@ import cifar_lightning.data.cache as cache
 from cifar_lightning.data.cache import load_split
 from cifar_lightning.data.folder import KerasImageFolder, decode
 from cifar_lightning.data.sampler import DirectoryBatchSampler
-from cifar_lightning.train import build_datamodule
+from cifar_lightning.wiring import build_datamodule
 from tests.conftest import CLASSES, SPLITS, RunsCode, cfg_for, make_layout, write_images
 
 TRAIN_DIRS = ["train_1", "train_2", "train_3", "train_4"]

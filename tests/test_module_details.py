@@ -15,7 +15,8 @@ from torch import nn
 from cifar_lightning.callbacks import History, InterruptCheckpoint
 from cifar_lightning.config import compose
 from cifar_lightning.errors import UserError
-from cifar_lightning.evaluate import match_classes, pick_device
+from cifar_lightning.evaluate import match_classes
+from cifar_lightning.wiring import pick_device
 from cifar_lightning.model.checkpoint import load_net
 from cifar_lightning.model.module import Classifier
 from tests.conftest import CLASSES, cfg_for, write_images
