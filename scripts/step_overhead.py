@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from cifar_lightning.bench import EpochTimer, clock
+from cifar_lightning.bench_pipelines import EpochTimer, clock
 from cifar_lightning.config import compose, instantiate
 from cifar_lightning.data.datamodule import TensorImages, _whole_batch
 from cifar_lightning.data.sampler import DirectoryBatchSampler

@@ -269,3 +269,23 @@ def test_a_foreign_pickle_is_one_line_without_torchs_protocol_warning(tmp_path, 
     with pytest.raises(UserError, match=r"raw.pkl: not a checkpoint \(Unsupported operand 149\)$"):
         load_net(tmp_path / "raw.pkl")
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
+def test_entry_points_are_leaves():
+    """No entry point imports another (architecture.md): what several share lives in wiring.py, so
+    changing one command's code can't change another's behaviour."""
+    import ast
+    from pathlib import Path
+
+    import cifar_lightning
+
+    package = Path(cifar_lightning.__file__).parent
+    entry = {p.stem for p in package.glob("*.py") if "__main__" in p.read_text()}
+    assert {"train", "evaluate", "predict", "prepare", "bench", "notebook"} <= entry
+    found = []
+    for path in [*package.rglob("*.py"), *(package.parent / "scripts").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            found += [f"{path.name} imports {n}" for n in names if n.removeprefix("cifar_lightning.") in entry]
+    assert not found

@@ -153,9 +153,10 @@ def test_a_real_cuda_graph_trains_like_eager_steps_on_the_gpu(tiny_layout, tmp_p
 
 def test_bench_reports_how_a_graphed_timed_epoch_ran(tiny_layout, tmp_path, monkeypatch, capsys):
     import cifar_lightning.bench as bench_module
+    import cifar_lightning.bench_pipelines as pipelines
     from cifar_lightning.config import compose
 
-    monkeypatch.setattr(bench_module, "Classifier", CpuGraphed)
+    monkeypatch.setattr(pipelines, "Classifier", CpuGraphed)
     cfg = compose([f"run_dir={tmp_path}", f"data.root={tiny_layout}", "trainer=cpu", "pipelines=[c]",
                    "cuda_graph_c=[true]", "batch_sizes=[]", "fractions=[]", "warmup_steps=1", "data.batch_size=4",
                    "callbacks.progress_bar.refresh_rate=0"], config_name="bench")

@@ -16,7 +16,8 @@ from PIL import Image
 from torchvision.datasets import CIFAR10
 
 from cifar_lightning import report
-from cifar_lightning.bench import caps, median_run
+from cifar_lightning.bench import median_run
+from cifar_lightning.bench_pipelines import caps
 from cifar_lightning.data.datamodule import CifarDataModule
 from cifar_lightning.data.folder import EXTENSIONS, KerasImageFolder
 from cifar_lightning.data.prepare import ensure_layout
