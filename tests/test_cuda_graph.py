@@ -5,12 +5,14 @@ bit for bit; the GPU test checks a real CUDA graph against eager steps."""
 import csv
 
 import pytest
+import lightning as L
 import torch
 from omegaconf import OmegaConf
 
 import cifar_lightning.train as train_module
 from cifar_lightning.model.graphed import GraphedStep
 from cifar_lightning.model.module import Classifier
+from cifar_lightning.wiring import build_logger_and_callbacks
 from tests.conftest import CLASSES, cfg_for
 
 
@@ -38,7 +40,7 @@ class CpuGraphed(Classifier):
         super()._eager_step(x, y)
 
     def cuda_graph_blocker(self):
-        return None  # the CPU stand-in runs where a real graph could
+        return self.graph_blocker()  # every rule but the device's: the stand-in runs on the CPU
 
     def on_train_start(self):
         ReplayedCall.optimizer = self.optimizers().optimizer
@@ -166,3 +168,23 @@ def test_bench_reports_how_a_graphed_timed_epoch_ran(tiny_layout, tmp_path, monk
     assert row["variant"] == "32-true+graph" and row["train_steps"] == 20
     assert row["graph"] == {"warmup_steps": 3, "captures": 1, "replays": 17}
     assert "3 eager warm-up steps, 1 capture(s), 17 of 20 steps replayed" in capsys.readouterr().out
+
+
+class GradientHook(L.Callback):
+    calls = 0
+
+    def on_after_backward(self, trainer, module):
+        GradientHook.calls += 1
+
+
+def test_a_callback_with_a_gradient_hook_keeps_steps_eager(tiny_layout, tmp_path, caplog, monkeypatch):
+    # A replay would skip on_after_backward: the hook must see every one of the 4 dirs x 3 batches of 8
+    caplog.set_level("INFO", logger="cifar_lightning.model.module")
+    monkeypatch.setattr(train_module, "Classifier", CpuGraphed)
+    monkeypatch.setattr(train_module, "build_logger_and_callbacks", lambda cfg: (
+        False, [*build_logger_and_callbacks(cfg)[1], GradientHook()]))
+    CpuGraphed.made = []
+    train_module.train(cfg_for(tmp_path, tiny_layout, "trainer.max_epochs=1", "logger=none", "test=false",
+                               "data.batch_size=8", "model.cuda_graph=true"))
+    assert "model.cuda_graph: eager steps, GradientHook.on_after_backward would not run on replayed steps" in caplog.text
+    assert CpuGraphed.made == [None] and GradientHook.calls == 12

@@ -20,6 +20,9 @@ from cifar_lightning.model.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 
+# what Lightning calls around manual_backward and optimizer.step, and a replayed step does not
+GRAPH_SKIPPED_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
 
 class Classifier(L.LightningModule):
     graph_type = None  # GraphedStep's graph (a CUDA graph); tests on the CPU substitute a replayed call
@@ -150,9 +153,19 @@ class Classifier(L.LightningModule):
 
     def cuda_graph_blocker(self) -> str | None:
         """Why this fit can't replay its steps as a CUDA graph, or None."""
-        trainer = self.trainer
         if self.device.type != "cuda":
             return f"the device is {self.device.type}"
+        return self.graph_blocker()
+
+    def graph_blocker(self) -> str | None:
+        """cuda_graph_blocker's rules other than the device (the CPU tests' stand-in graph obeys them)."""
+        trainer = self.trainer
+        # A replay runs no Python, so the hooks Lightning calls around backward and the optimizer step
+        # would silently skip most steps (a gradient-norm logger would see only the eager ones).
+        for obj, base in [(self, L.LightningModule), *((c, L.Callback) for c in trainer.callbacks)]:
+            hook = next((h for h in GRAPH_SKIPPED_HOOKS if getattr(type(obj), h) is not getattr(base, h)), None)
+            if hook:
+                return f"{type(obj).__name__}.{hook} would not run on replayed steps"
         if trainer.world_size > 1:
             return "DDP's gradient all-reduce is not captured"
         if trainer.precision not in ("32-true", "bf16-mixed"):
