@@ -57,7 +57,7 @@ class FreeReplays(Classifier):
     graph_type = NoopGraph
 
     def cuda_graph_blocker(self):
-        return None
+        return self.graph_blocker()  # every rule but the device's
 
 
 class PerStepLogging(Classifier):

@@ -177,14 +177,40 @@ class GradientHook(L.Callback):
         GradientHook.calls += 1
 
 
-def test_a_callback_with_a_gradient_hook_keeps_steps_eager(tiny_layout, tmp_path, caplog, monkeypatch):
-    # A replay would skip on_after_backward: the hook must see every one of the 4 dirs x 3 batches of 8
+class OptimizerStepHook(CpuGraphed):
+    def on_before_optimizer_step(self, optimizer):
+        GradientHook.calls += 1
+
+
+class OwnBackward(CpuGraphed):
+    def backward(self, loss, *args, **kwargs):
+        GradientHook.calls += 1
+        loss.backward()
+
+
+def _count(*args):
+    GradientHook.calls += 1
+
+
+# (the module's class, an extra callback, the hook that a log line must name)
+HOOKED = {"callback class": (CpuGraphed, GradientHook, "GradientHook.on_after_backward"),
+          "lambda callback": (CpuGraphed, lambda: L.pytorch.callbacks.LambdaCallback(on_before_backward=_count),
+                              "LambdaCallback.on_before_backward"),
+          "module hook": (OptimizerStepHook, None, "OptimizerStepHook.on_before_optimizer_step"),
+          "module backward": (OwnBackward, None, "OwnBackward.backward")}
+
+
+@pytest.mark.parametrize("case", HOOKED)
+def test_a_hook_that_replays_would_skip_keeps_steps_eager(case, tiny_layout, tmp_path, caplog, monkeypatch):
+    # The hook must run on every one of the 4 dirs x 3 batches of 8, which replays would skip
+    module_class, callback, name = HOOKED[case]
     caplog.set_level("INFO", logger="cifar_lightning.model.module")
-    monkeypatch.setattr(train_module, "Classifier", CpuGraphed)
+    monkeypatch.setattr(train_module, "Classifier", module_class)
     monkeypatch.setattr(train_module, "build_logger_and_callbacks", lambda cfg: (
-        False, [*build_logger_and_callbacks(cfg)[1], GradientHook()]))
+        False, [*build_logger_and_callbacks(cfg)[1], *([callback()] if callback else [])]))
+    monkeypatch.setattr(GradientHook, "calls", 0)
     CpuGraphed.made = []
     train_module.train(cfg_for(tmp_path, tiny_layout, "trainer.max_epochs=1", "logger=none", "test=false",
                                "data.batch_size=8", "model.cuda_graph=true"))
-    assert "model.cuda_graph: eager steps, GradientHook.on_after_backward would not run on replayed steps" in caplog.text
+    assert f"model.cuda_graph: eager steps, {name} would not run on replayed steps" in caplog.text
     assert CpuGraphed.made == [None] and GradientHook.calls == 12

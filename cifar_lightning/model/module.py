@@ -8,6 +8,7 @@ import logging
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -20,7 +21,8 @@ from cifar_lightning.model.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 
-# what Lightning calls around manual_backward and optimizer.step, and a replayed step does not
+# what Lightning calls around manual_backward and optimizer.step, and a replayed step does not (a
+# capture calls Tensor.backward itself, so the module's own `backward` is skipped too)
 GRAPH_SKIPPED_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
 
 
@@ -162,8 +164,10 @@ class Classifier(L.LightningModule):
         trainer = self.trainer
         # A replay runs no Python, so the hooks Lightning calls around backward and the optimizer step
         # would silently skip most steps (a gradient-norm logger would see only the eager ones).
-        for obj, base in [(self, L.LightningModule), *((c, L.Callback) for c in trainer.callbacks)]:
-            hook = next((h for h in GRAPH_SKIPPED_HOOKS if getattr(type(obj), h) is not getattr(base, h)), None)
+        # is_overridden also sees hooks set on an instance, as LambdaCallback(on_after_backward=...) does.
+        watched = [(self, (*GRAPH_SKIPPED_HOOKS, "backward"))] + [(c, GRAPH_SKIPPED_HOOKS) for c in trainer.callbacks]
+        for obj, hooks in watched:
+            hook = next((h for h in hooks if is_overridden(h, obj)), None)
             if hook:
                 return f"{type(obj).__name__}.{hook} would not run on replayed steps"
         if trainer.world_size > 1:
