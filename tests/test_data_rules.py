@@ -124,8 +124,9 @@ def test_new_size_with_same_mtime_rebuilds_the_cache(tmp_path):
 
 
 def test_failed_cache_write_keeps_the_old_cache_and_no_temp_file(tmp_path, monkeypatch):
-    # A crash (disk full, Ctrl-C) while saving must leave the previous cache readable, not a torn file.
-    # Switching the resize rule with a resized image rebuilds the cache under the same file name.
+    # A failure (disk full) while saving must leave the previous cache readable, not a torn file; the run
+    # goes on with the images it decoded. Switching the resize rule with a resized image rebuilds the
+    # cache under the same file name.
     root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"valid": 2})
     write_images(root / "valid" / CLASSES[0], 1, 0, size=48)
     images, _, _ = load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")
@@ -138,12 +139,46 @@ def test_failed_cache_write_keeps_the_old_cache_and_no_temp_file(tmp_path, monke
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", torn_save)
-    with pytest.raises(OSError, match="No space left"):
-        load_split(KerasImageFolder(root / "valid"), 32, "pil_bilinear")
+    with pytest.warns(UserWarning, match=rf"{old.name}: cache not saved \(No space left on device\); the next run "
+                                         "decodes valid again"):
+        resized, _, _ = load_split(KerasImageFolder(root / "valid"), 32, "pil_bilinear")
     monkeypatch.undo()
     assert sorted(p.name for p in root.iterdir()) == sorted([old.name, "valid"])  # no temp file left
     assert old.read_bytes() == before
     assert torch.equal(torch.load(old, weights_only=True)["images"], images)
+    assert torch.equal(resized, load_split(KerasImageFolder(root / "valid"), 32, "pil_bilinear")[0])
+    assert not torch.equal(resized, images)  # the 48-pixel image, resized by the other rule
+
+
+def test_read_only_data_folder_trains_from_the_decoded_images(tmp_path, monkeypatch):
+    # A shared, read-only dataset: the cache can't be written beside it, so each run decodes, and says so.
+    root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"valid": 2})
+    expected = load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")
+    for f in root.glob(".cache-*"):
+        f.unlink()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cache.tempfile, "mkstemp", read_only)
+    with pytest.warns(UserWarning, match=r"cache not saved \(Permission denied\).*make .* writable, or set "
+                                         r"data.cache=false"):
+        got = load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]) and got[2] == expected[2]
+    assert not list(root.glob(".cache-*"))
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_cache_file_permissions_follow_the_umask(tmp_path, umask, mode):
+    # Atomic writes go through mkstemp, which makes 0600: others sharing the dataset could not read the cache.
+    root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"valid": 2})
+    was = os.umask(umask)
+    try:
+        load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")
+    finally:
+        os.umask(was)
+    (path,) = root.glob(".cache-valid-*.pt")
+    assert path.stat().st_mode & 0o777 == mode
 
 
 def test_cache_file_that_would_run_code_is_rebuilt_not_run(tmp_path, monkeypatch):

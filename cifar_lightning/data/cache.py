@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -64,8 +65,13 @@ def load_split(ds: KerasImageFolder, image_size: int, resize: str) -> tuple[torc
         images, labels = images[keep], labels[keep]
         paths = [p for p, k in zip(paths, keep.tolist()) if k]
         warn_skipped(root, [str(e) for _, e in bad])
-    _atomic_save({"fingerprint": key, "images": images, "labels": labels, "paths": paths,
-                  "classes": list(ds.classes), "resized_with": resize if resized else None}, path)
+    try:
+        _atomic_save({"fingerprint": key, "images": images, "labels": labels, "paths": paths,
+                      "classes": list(ds.classes), "resized_with": resize if resized else None}, path)
+    except OSError as exc:  # a read-only or full disk: this run has its images, only the next one pays
+        warnings.warn(f"{path}: cache not saved ({exc.strerror or exc}); the next run decodes {root.name} again "
+                      f"(make {root.parent} writable, or set data.cache=false)", stacklevel=2)
+        return images, labels, paths
     for old in root.parent.glob(f".cache-{root.name}-*.pt"):
         if old != path:
             old.unlink(missing_ok=True)
@@ -73,8 +79,6 @@ def load_split(ds: KerasImageFolder, image_size: int, resize: str) -> tuple[torc
 
 
 def warn_skipped(root: Path, messages: list[str]) -> None:
-    import warnings
-
     first = "; ".join(messages[:3])
     warnings.warn(f"{root}: skipped {len(messages)} unreadable image(s) (data.skip_bad_files=true): {first}",
                   stacklevel=2)
@@ -86,7 +90,14 @@ def _atomic_save(obj, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: others who may read the data may read its cache
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
