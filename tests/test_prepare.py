@@ -111,6 +111,19 @@ def test_missing_source_and_partial_root_are_clear_errors(tmp_path):
     assert (tmp_path / "a_file").read_text() == "not a folder"  # left as it was
 
 
+def test_unwritable_place_for_the_layout_is_one_error_line(tmp_path, monkeypatch):
+    # A read-only mount (here: its first write, the lock file) was an OSError traceback
+    import cifar_lightning.data.prepare as prepare
+
+    def read_only(path):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(prepare, "_lock", read_only)
+    with pytest.raises(UserError, match=r"data.root=.*layout: building the layout failed: Read-only file system: "
+                                        r".*\.layout\.lock$"):
+        ensure_layout(tmp_path / "layout", "download", SPLITS)
+
+
 def _prepare(args):
     root, src = args
     return str(ensure_layout(root, src, SPLITS))

@@ -47,18 +47,22 @@ def ensure_layout(root: str | Path, source: str, splits: list[str]) -> Path:
         missing = [s for s in splits if not (root / s).is_dir()]
         raise UserError(f"data.root={root} exists but lacks {missing}; point data.root at a full layout "
                         "or at a new directory to build one there")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(root.parent / f".{root.name}.lock"):
-        if has_layout(root, splits):  # another process built it while we waited
-            return root
-        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.building-"))
-        try:
-            build(source, tmp / "layout", work=tmp)
-            if root.exists():
-                root.rmdir()  # empty (checked above)
-            os.rename(tmp / "layout", root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    try:  # a read-only or full disk, a folder we may not write: one line naming the file
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with _lock(root.parent / f".{root.name}.lock"):
+            if has_layout(root, splits):  # another process built it while we waited
+                return root
+            tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.building-"))
+            try:
+                build(source, tmp / "layout", work=tmp)
+                if root.exists():
+                    root.rmdir()  # empty (checked above)
+                os.rename(tmp / "layout", root)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        raise UserError(f"data.root={root}: building the layout failed: {exc.strerror or exc}{where}") from exc
     if not has_layout(root, splits):
         raise UserError(f"data.source={source} did not give the splits {splits} under {root}")
     return root
