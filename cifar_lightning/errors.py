@@ -2,10 +2,12 @@
 
 User mistakes (a bad folder, image, override or checkpoint) raise `UserError` where they are
 found. Entry points wrap their Hydra main in `cli()`, which prints them once, as one line,
-and exits non-zero. `HYDRA_FULL_ERROR=1` shows the full traceback instead.
+and exits non-zero; so too Hydra's and OmegaConf's errors, and an OSError from the machine's state
+(MACHINE_ERRNOS: a read-only mount, a full disk, a folder the user may not write). `HYDRA_FULL_ERROR=1` shows the full traceback instead.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -16,11 +18,17 @@ class UserError(Exception):
     """A mistake the user can fix; its message names the file, folder, class or config key."""
 
 
+# The machine's state, not a bug: a read-only mount, a full disk or quota, a folder the user may not
+# write, a path through a file. The OSError names the file, so its one line says what to fix.
+MACHINE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
+
+
 def _is_user_facing(exc: BaseException) -> bool:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    return isinstance(exc, (UserError, HydraException, OmegaConfBaseException))
+    return isinstance(exc, (UserError, HydraException, OmegaConfBaseException)) or (
+        isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS)
 
 
 def one_line(exc: BaseException) -> str:

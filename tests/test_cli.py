@@ -92,6 +92,26 @@ def test_bad_override_is_one_error_line(tmp_path):
     assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith("error: ") and "optim/nope" in res.stderr
 
 
+def test_run_directory_that_cannot_be_made_is_one_error_line(tiny_layout, tmp_path):
+    # Hydra makes the run directory before our code runs: a path through a file (or a read-only mount,
+    # a full disk) was an OSError traceback
+    (tmp_path / "a_file").write_text("")
+    res = run_cli("cifar_lightning.train", f"data.root={tiny_layout}", f"hydra.run.dir={tmp_path}/a_file/run",
+                  *QUICK, cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == f"error: [Errno 20] Not a directory: '{tmp_path}/a_file/run'"
+
+
+def test_only_the_machines_os_errors_are_user_facing():
+    from cifar_lightning.errors import user_facing_cause
+
+    for code in (13, 28, 30):  # EACCES, ENOSPC, EROFS
+        exc = OSError(code, "x", "/some/file")
+        assert user_facing_cause(RuntimeError("wrapped")) is None and user_facing_cause(exc) is exc
+    assert user_facing_cause(FileNotFoundError(2, "No such file", "x")) is None  # ours to name, or a bug
+    assert user_facing_cause(OSError("no errno")) is None
+
+
 def test_evaluate_another_folder_matches_classes_by_name(trained, tmp_path):
     run, _ = trained
     eval_dir = tmp_path / "plain_names"
