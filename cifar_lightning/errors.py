@@ -3,7 +3,8 @@
 User mistakes (a bad folder, image, override or checkpoint) raise `UserError` where they are
 found. Entry points wrap their Hydra main in `cli()`, which prints them once, as one line,
 and exits non-zero; so too Hydra's and OmegaConf's errors, and an OSError from the machine's state
-(MACHINE_ERRNOS: a read-only mount, a full disk, a folder the user may not write). `HYDRA_FULL_ERROR=1` shows the full traceback instead.
+(MACHINE_ERRNOS: a read-only mount, a full disk, a folder the user may not write).
+`HYDRA_FULL_ERROR=1` shows the full traceback instead.
 """
 from __future__ import annotations
 

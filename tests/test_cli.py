@@ -105,9 +105,12 @@ def test_run_directory_that_cannot_be_made_is_one_error_line(tiny_layout, tmp_pa
 def test_only_the_machines_os_errors_are_user_facing():
     from cifar_lightning.errors import user_facing_cause
 
+    assert user_facing_cause(RuntimeError("a bug")) is None
     for code in (13, 28, 30):  # EACCES, ENOSPC, EROFS
         exc = OSError(code, "x", "/some/file")
-        assert user_facing_cause(RuntimeError("wrapped")) is None and user_facing_cause(exc) is exc
+        wrapped = RuntimeError("wrapped")
+        wrapped.__cause__ = exc  # as `raise ... from exc` inside a library
+        assert user_facing_cause(exc) is exc and user_facing_cause(wrapped) is exc
     assert user_facing_cause(FileNotFoundError(2, "No such file", "x")) is None  # ours to name, or a bug
     assert user_facing_cause(OSError("no errno")) is None
 
