@@ -20,6 +20,7 @@ after two epochs). images/s is training images / (train epoch + validation) seco
 warm-up took beyond its steps at the epoch's pace (torch.compile's compile time). Also timed: the cache (build and load), and
 (a) against batch size and train-set fraction. data.root must hold the layout (or data.source
 builds it, as in train). Prints tables; writes everything to outputs/bench/<date>/<time>/bench.json."""
+
 from __future__ import annotations
 
 import copy
@@ -41,7 +42,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from cifar_lightning.bench_pipelines import pipeline_b, pipeline_c, plain_epoch, time_cache
-from cifar_lightning.config import BOOLEAN, check_targets, check_values, list_of, number, one_of, whole
+from cifar_lightning.config import (
+    BOOLEAN,
+    check_targets,
+    check_values,
+    list_of,
+    number,
+    one_of,
+    whole,
+)
 from cifar_lightning.data.datamodule import eval_batch_size
 from cifar_lightning.errors import cli
 from cifar_lightning.report import write_json
@@ -51,13 +60,17 @@ from cifar_lightning.wiring import build_datamodule
 def _proc_status_MiB(key: str) -> float:
     """VmRSS (resident now) or VmHWM (peak since the last reset) from /proc/self/status; Linux only."""
     try:
-        line = next(s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith(key + ":"))
+        line = next(
+            s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith(key + ":")
+        )
         return int(line.split()[1]) / 1024  # kB
     except (OSError, StopIteration):
         return float("nan")
 
 
-RSS_AFTER_IMPORTS_MiB = _proc_status_MiB("VmRSS")  # the baseline that memory growth is measured from
+RSS_AFTER_IMPORTS_MiB = _proc_status_MiB(
+    "VmRSS"
+)  # the baseline that memory growth is measured from
 # Importing torch already runs a child process; its peak is the floor of children_ru_maxrss_MiB.
 CHILDREN_AFTER_IMPORTS_MiB = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
@@ -75,10 +88,13 @@ def reset_peaks() -> None:
 
 
 def memory() -> dict:
-    m = {"peak_rss_MiB": _proc_status_MiB("VmHWM"), "rss_end_MiB": _proc_status_MiB("VmRSS"),
-         "ru_maxrss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
-         # DataLoader workers (b) are child processes: the largest one that has exited, never reset
-         "children_ru_maxrss_MiB": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    m = {
+        "peak_rss_MiB": _proc_status_MiB("VmHWM"),
+        "rss_end_MiB": _proc_status_MiB("VmRSS"),
+        "ru_maxrss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        # DataLoader workers (b) are child processes: the largest one that has exited, never reset
+        "children_ru_maxrss_MiB": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
     m["peak_growth_MiB"] = m["peak_rss_MiB"] - RSS_AFTER_IMPORTS_MiB
     if torch.cuda.is_available():
         m["gpu_peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
@@ -103,14 +119,22 @@ def compile_payoff(timed: dict, epochs: int = 30) -> list[dict]:
         eager = timed.get((pipeline, variant.removesuffix("+compile")))
         if pipeline != "c" or not variant.endswith("+compile") or not eager:
             continue
-        saved_per_round = [e["full_epoch_s_est"] - r["full_epoch_s_est"] for e, r in zip(eager, runs)]
+        saved_per_round = [
+            e["full_epoch_s_est"] - r["full_epoch_s_est"] for e, r in zip(eager, runs)
+        ]
         saved = statistics.median(saved_per_round)
         # warmup_steps=0 leaves eager with no warm-up to measure (None): its one-off is in its epoch
         one_off = max(0.0, runs[0]["one_off_s"] - (eager[0]["one_off_s"] or 0.0))
-        out.append({"precision": variant.split("+")[0], "one_off_s": round(one_off, 1), "saved_per_epoch_s": round(saved, 2),
-                    "saved_per_epoch_s_per_round": [round(x, 2) for x in saved_per_round],
-                    "pays_off_after_epochs": round(one_off / saved, 1) if saved > 0 else None,
-                    f"net_gain_{epochs}_epochs_s": round(epochs * saved - one_off, 1)})
+        out.append(
+            {
+                "precision": variant.split("+")[0],
+                "one_off_s": round(one_off, 1),
+                "saved_per_epoch_s": round(saved, 2),
+                "saved_per_epoch_s_per_round": [round(x, 2) for x in saved_per_round],
+                "pays_off_after_epochs": round(one_off / saved, 1) if saved > 0 else None,
+                f"net_gain_{epochs}_epochs_s": round(epochs * saved - one_off, 1),
+            }
+        )
     return out
 
 
@@ -122,22 +146,35 @@ def median_run(runs: list[dict]) -> dict:
 # ---------------------------------------------------------------- report
 def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     """cols: (header, key, format spec); a missing value prints as '-'."""
-    cells = [[h for h, _, _ in cols]] + [[("-" if r.get(k) is None else format(r[k], f)) for _, k, f in cols]
-                                         for r in rows]
+    cells = [[h for h, _, _ in cols]] + [
+        [("-" if r.get(k) is None else format(r[k], f)) for _, k, f in cols] for r in rows
+    ]
     widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                     for row in cells)
+    return "\n".join(
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in cells
+    )
 
 
-EPOCH_COLS = [("images/s", "images_per_s", ",.0f"), ("epoch s", "epoch_s", ".2f"), ("train s", "train_s", ".2f"),
-              ("val s", "val_s", ".2f"), ("steps", "steps", ""), ("full epoch s (est.)", "full_epoch_s_est", ".1f"),
-              ("val acc", "val_acc", ".3f"), ("one-off s", "one_off_s", ".1f")]
+EPOCH_COLS = [
+    ("images/s", "images_per_s", ",.0f"),
+    ("epoch s", "epoch_s", ".2f"),
+    ("train s", "train_s", ".2f"),
+    ("val s", "val_s", ".2f"),
+    ("steps", "steps", ""),
+    ("full epoch s (est.)", "full_epoch_s_est", ".1f"),
+    ("val acc", "val_acc", ".3f"),
+    ("one-off s", "one_off_s", ".1f"),
+]
 
 
 def progress(label: str, r: dict) -> dict:
     """One line per timed epoch as it ends: a full benchmark runs for many minutes."""
-    print(f"{label}: {r['images_per_s']:,.0f} images/s, epoch {r['epoch_s']:.1f} s "
-          f"({r['train_steps']}/{r['full_train_steps']} steps)", flush=True)
+    print(
+        f"{label}: {r['images_per_s']:,.0f} images/s, epoch {r['epoch_s']:.1f} s "
+        f"({r['train_steps']}/{r['full_train_steps']} steps)",
+        flush=True,
+    )
     return r
 
 
@@ -147,26 +184,45 @@ def with_steps(r: dict) -> dict:
 
 def machine(device: torch.device) -> dict:
     try:
-        cpu = next(s.split(":", 1)[1].strip() for s in Path("/proc/cpuinfo").read_text().splitlines()
-                   if s.startswith("model name"))
+        cpu = next(
+            s.split(":", 1)[1].strip()
+            for s in Path("/proc/cpuinfo").read_text().splitlines()
+            if s.startswith("model name")
+        )
     except (OSError, StopIteration):
         cpu = platform.processor()
-    return {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-            "python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {cpu}",
-            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.version.cuda if device.type == "cuda" else None}
+    return {
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {cpu}",
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+    }
 
 
 # ---------------------------------------------------------------- main
-BENCH_RULES = {"pipelines": list_of(one_of("a", "b", "c"), "[a,b,c]"), "rounds": whole(1), "max_steps": whole(1),
-               "warmup_steps": whole(0), "batch_sizes": list_of(whole(1), "[64,256]", empty_ok=True),
-               "fractions": list_of(number(0, 1, above=True), "[0.25,0.5,1.0]", empty_ok=True),
-               "compile_c": list_of(BOOLEAN, "[false,true]"), "cuda_graph_c": list_of(BOOLEAN, "[false,true]"),
-               "threads": whole(1),
-               # it would slow (c) alone, the only pipeline whose Trainer comes from cfg.trainer
-               "trainer.profiler": ((lambda v: False), "is not for the benchmark, where it would slow (c) alone; "
-                                    "profile with python -m cifar_lightning.train trainer.profiler=...")}
+BENCH_RULES = {
+    "pipelines": list_of(one_of("a", "b", "c"), "[a,b,c]"),
+    "rounds": whole(1),
+    "max_steps": whole(1),
+    "warmup_steps": whole(0),
+    "batch_sizes": list_of(whole(1), "[64,256]", empty_ok=True),
+    "fractions": list_of(number(0, 1, above=True), "[0.25,0.5,1.0]", empty_ok=True),
+    "compile_c": list_of(BOOLEAN, "[false,true]"),
+    "cuda_graph_c": list_of(BOOLEAN, "[false,true]"),
+    "threads": whole(1),
+    # it would slow (c) alone, the only pipeline whose Trainer comes from cfg.trainer
+    "trainer.profiler": (
+        (lambda v: False),
+        "is not for the benchmark, where it would slow (c) alone; "
+        "profile with python -m cifar_lightning.train trainer.profiler=...",
+    ),
+}
 
 
 def bench(cfg: DictConfig) -> dict:
@@ -176,29 +232,58 @@ def bench(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     device = quiet_setup(cfg)
     bs = cfg.data.batch_size
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None  # None: called in-process
-    out = {"machine": machine(device), "overrides": overrides,
-           "settings": {"pipelines": list(cfg.pipelines), "batch_size": bs, "max_steps": cfg.max_steps,
-                        "warmup_steps": cfg.warmup_steps, "data_root": str(cfg.data.root),
-                        "batching": cfg.fidelity.batching, "device": str(device),
-                        "eval_batch_size": eval_batch_size(cfg.data.eval_batch_size, bs, device)},
-           "rss_after_imports_MiB": round(RSS_AFTER_IMPORTS_MiB, 1),
-           "children_ru_maxrss_after_imports_MiB": round(CHILDREN_AFTER_IMPORTS_MiB, 1), "notes": []}
-    print(f"device {out['machine']['device']}  |  {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads  |  "
-          f"batch {bs} (validation {out['settings']['eval_batch_size']})  |  max_steps {cfg.max_steps}  |  warm-up {cfg.warmup_steps} steps")
+    overrides = (
+        list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+    )  # None: called in-process
+    out = {
+        "machine": machine(device),
+        "overrides": overrides,
+        "settings": {
+            "pipelines": list(cfg.pipelines),
+            "batch_size": bs,
+            "max_steps": cfg.max_steps,
+            "warmup_steps": cfg.warmup_steps,
+            "data_root": str(cfg.data.root),
+            "batching": cfg.fidelity.batching,
+            "device": str(device),
+            "eval_batch_size": eval_batch_size(cfg.data.eval_batch_size, bs, device),
+        },
+        "rss_after_imports_MiB": round(RSS_AFTER_IMPORTS_MiB, 1),
+        "children_ru_maxrss_after_imports_MiB": round(CHILDREN_AFTER_IMPORTS_MiB, 1),
+        "notes": [],
+    }
+    print(
+        f"device {out['machine']['device']}  |  {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads  |  "
+        f"batch {bs} (validation {out['settings']['eval_batch_size']})  |  max_steps {cfg.max_steps}  |  warm-up {cfg.warmup_steps} steps"
+    )
     dm, data = load_data(cfg, device, out)
     runners = make_runners(cfg, dm, data, device, out["notes"])
     timed = run_rounds(runners, cfg.rounds, device)
-    rows = [{"pipeline": pl, "name": name, "variant": v, "precision": v.split("+")[0], **median_run(timed[pl, v]),
-             "memory": max((r["memory"] for r in timed[pl, v]), key=lambda m: m["peak_rss_MiB"]),
-             "rounds": [{k: r[k] for k in ("epoch_s", "images_per_s", "one_off_s")} for r in timed[pl, v]]}
-            for pl, v, name, _ in runners]
+    rows = [
+        {
+            "pipeline": pl,
+            "name": name,
+            "variant": v,
+            "precision": v.split("+")[0],
+            **median_run(timed[pl, v]),
+            "memory": max((r["memory"] for r in timed[pl, v]), key=lambda m: m["peak_rss_MiB"]),
+            "rounds": [
+                {k: r[k] for k in ("epoch_s", "images_per_s", "one_off_s")} for r in timed[pl, v]
+            ],
+        }
+        for pl, v, name, _ in runners
+    ]
     if "a" in cfg.pipelines:
         out.update(scaling(cfg, data, device, median_run(timed["a", "32-true"])))
     del data, runners  # the runners hold (a)'s tensors
     free(device)
     ratios, per_round = paired_ratios(rows, timed)
-    out.update(compile_payoff=compile_payoff(timed), results=rows, ratios=ratios, ratios_per_round=per_round)
+    out.update(
+        compile_payoff=compile_payoff(timed),
+        results=rows,
+        ratios=ratios,
+        ratios_per_round=per_round,
+    )
     print_report(cfg, out, device)
     write_json(run_dir / "bench.json", out)
     print(f"bench.json in {run_dir}")
@@ -208,7 +293,9 @@ def bench(cfg: DictConfig) -> dict:
 def quiet_setup(cfg: DictConfig) -> torch.device:
     """Threads, TF32 and log levels as train has them; returns the device every pipeline runs on."""
     torch.set_float32_matmul_precision("high")  # as train: TF32 where the GPU has it
-    if cfg.threads:  # on a busy machine fewer threads than cores avoids OpenMP spin-waiting on taken cores
+    if (
+        cfg.threads
+    ):  # on a busy machine fewer threads than cores avoids OpenMP spin-waiting on taken cores
         torch.set_num_threads(cfg.threads)
     # Lightning's per-Trainer banners and the "few workers"/"logging interval" hints would bury the tables.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -232,15 +319,28 @@ def load_data(cfg: DictConfig, device: torch.device, out: dict) -> tuple:
     had_cache = all(any(Path(cfg.data.root).glob(f".cache-{s}-*.pt")) for s in base.split_names)
     t0 = time.perf_counter()
     base.setup("fit")
-    cache.update(setup_s=round(time.perf_counter() - t0, 3), setup_had_cache=had_cache, memory=memory())
-    print(f"cache: build {cache['split']} ({cache['images']:,} images) {cache['build_s']:.2f} s = "
-          f"{cache['build_images_per_s']:,.0f} images/s; load {cache['load_s']:.3f} s; datamodule setup, "
-          f"{len(base.split_names)} splits {'from cache' if had_cache else 'building caches'}: {cache['setup_s']:.2f} s")
+    cache.update(
+        setup_s=round(time.perf_counter() - t0, 3), setup_had_cache=had_cache, memory=memory()
+    )
+    print(
+        f"cache: build {cache['split']} ({cache['images']:,} images) {cache['build_s']:.2f} s = "
+        f"{cache['build_images_per_s']:,.0f} images/s; load {cache['load_s']:.3f} s; datamodule setup, "
+        f"{len(base.split_names)} splits {'from cache' if had_cache else 'building caches'}: {cache['setup_s']:.2f} s"
+    )
     train, val = base.train_dataloader(), base.val_dataloader()
-    data = {"classes": base.classes, "sizes": train.batch_sampler.sizes, "n_val_images": len(val.dataset)}
+    data = {
+        "classes": base.classes,
+        "sizes": train.batch_sampler.sizes,
+        "n_val_images": len(val.dataset),
+    }
     if "a" in cfg.pipelines:
-        data.update(x=train.dataset.images.to(device), y=train.dataset.labels.to(device),
-                    vx=val.dataset.images.to(device), vy=val.dataset.labels.to(device), num_classes=len(base.classes))
+        data.update(
+            x=train.dataset.images.to(device),
+            y=train.dataset.labels.to(device),
+            vx=val.dataset.images.to(device),
+            vy=val.dataset.labels.to(device),
+            num_classes=len(base.classes),
+        )
     return dm, data
 
 
@@ -249,28 +349,50 @@ def make_runners(cfg: DictConfig, dm, data: dict, device: torch.device, notes: l
     bs, classes = cfg.data.batch_size, data["classes"]
     runners = []
     if "a" in cfg.pipelines:
-        runners.append(("a", "32-true", "a  plain loop, uint8 tensor", lambda: plain_epoch(cfg, data, device, bs)))
+        runners.append(
+            (
+                "a",
+                "32-true",
+                "a  plain loop, uint8 tensor",
+                lambda: plain_epoch(cfg, data, device, bs),
+            )
+        )
     if "b" in cfg.pipelines:
-        runners.append(("b", "32-true", "b  Lightning + ImageFolder + ToTensor",
-                        lambda: pipeline_b(cfg, device, len(classes))))
+        runners.append(
+            (
+                "b",
+                "32-true",
+                "b  Lightning + ImageFolder + ToTensor",
+                lambda: pipeline_b(cfg, device, len(classes)),
+            )
+        )
     if "c" not in cfg.pipelines:
         return runners
     for p in map(str, cfg.precision):
         if "16" in p and device.type != "cuda":
             notes.append(f"(c) at precision {p} skipped: needs CUDA, this run is on CPU")
             continue
-        for compiled in ([cfg.model.compile] if cfg.compile_c is None else cfg.compile_c):
-            for graphed in ([cfg.model.cuda_graph] if cfg.cuda_graph_c is None else cfg.cuda_graph_c):
+        for compiled in [cfg.model.compile] if cfg.compile_c is None else cfg.compile_c:
+            for graphed in [cfg.model.cuda_graph] if cfg.cuda_graph_c is None else cfg.cuda_graph_c:
                 v = p + ("+compile" if compiled else "") + ("+graph" if graphed else "")
                 c_cfg = copy.deepcopy(cfg)
                 c_cfg.model.compile, c_cfg.model.cuda_graph = bool(compiled), bool(graphed)
-                runners.append(("c", v, f"c  cifar_lightning, {v}",  # one datamodule for all: the cache loads once
-                                lambda p=p, c_cfg=c_cfg: pipeline_c(c_cfg, dm, classes, data["sizes"],
-                                                                    data["n_val_images"], p, device)))
+                runners.append(
+                    (
+                        "c",
+                        v,
+                        f"c  cifar_lightning, {v}",  # one datamodule for all: the cache loads once
+                        lambda p=p, c_cfg=c_cfg: pipeline_c(
+                            c_cfg, dm, classes, data["sizes"], data["n_val_images"], p, device
+                        ),
+                    )
+                )
     return runners
 
 
-def run_rounds(runners: list[tuple], rounds: int, device: torch.device) -> dict[tuple[str, str], list[dict]]:
+def run_rounds(
+    runners: list[tuple], rounds: int, device: torch.device
+) -> dict[tuple[str, str], list[dict]]:
     """Every runner once per round, in turn (a, b, c, a, b, c...), so a slow spell on a shared machine
     lands on every pipeline alike and each round gives a paired ratio."""
     timed: dict[tuple[str, str], list[dict]] = {}
@@ -287,10 +409,32 @@ def scaling(cfg: DictConfig, data: dict, device: torch.device, a: dict) -> dict:
     """How the limit (a) scales with batch size and train-set fraction; the main run `a` stands in for
     (data.batch_size, all of the train set)."""
     bs = cfg.data.batch_size
-    return {"scaling_batch_size": [{"batch_size": b, **(a if b == bs else progress(
-                f"(a) at batch {b}", plain_epoch(cfg, data, device, b)))} for b in cfg.batch_sizes],
-            "scaling_fraction": [{"fraction": f, **(a if f == 1 else progress(
-                f"(a) on {f:g} of the train set", plain_epoch(cfg, data, device, bs, f)))} for f in cfg.fractions]}
+    return {
+        "scaling_batch_size": [
+            {
+                "batch_size": b,
+                **(
+                    a
+                    if b == bs
+                    else progress(f"(a) at batch {b}", plain_epoch(cfg, data, device, b))
+                ),
+            }
+            for b in cfg.batch_sizes
+        ],
+        "scaling_fraction": [
+            {
+                "fraction": f,
+                **(
+                    a
+                    if f == 1
+                    else progress(
+                        f"(a) on {f:g} of the train set", plain_epoch(cfg, data, device, bs, f)
+                    )
+                ),
+            }
+            for f in cfg.fractions
+        ],
+    }
 
 
 def paired_ratios(rows: list[dict], timed: dict) -> tuple[dict, dict]:
@@ -301,14 +445,19 @@ def paired_ratios(rows: list[dict], timed: dict) -> tuple[dict, dict]:
 
     def ratio(name: str, num: tuple[str, str], den: tuple[str, str]) -> None:
         pairs = [x["images_per_s"] / y["images_per_s"] for x, y in zip(timed[num], timed[den])]
-        ratios[name], per_round[name] = round(statistics.median(pairs), 3), [round(q, 3) for q in pairs]
+        ratios[name], per_round[name] = (
+            round(statistics.median(pairs), 3),
+            [round(q, 3) for q in pairs],
+        )
 
     for other in ("a", "b"):
         if c0 and (other, "32-true") in timed:
             ratio(f"c/{other}", ("c", c0["variant"]), (other, "32-true"))
     for r in rows:
         if r["pipeline"] == "c" and r is not c0:
-            ratio(f"c[{r['variant']}]/c[{c0['variant']}]", ("c", r["variant"]), ("c", c0["variant"]))
+            ratio(
+                f"c[{r['variant']}]/c[{c0['variant']}]", ("c", r["variant"]), ("c", c0["variant"])
+            )
     return ratios, per_round
 
 
@@ -320,42 +469,80 @@ def print_report(cfg: DictConfig, out: dict, device: torch.device) -> None:
     drop = "val_acc" if cfg.max_steps else "full_epoch_s_est"
     epoch_cols = [c for c in EPOCH_COLS if c[1] != drop]
     bs = cfg.data.batch_size
-    print(f"\n== one epoch = train + validation, batch {bs}"
-          + (f", capped at {cfg.max_steps} steps" if cfg.max_steps else "") + " ==")
-    shown = [{**with_steps(r), "vs_a": base_ips and r["images_per_s"] / base_ips,
-              "peak_rss": r["memory"]["peak_rss_MiB"], "gpu_peak": r["memory"].get("gpu_peak_MiB")} for r in rows]
-    cols = [("pipeline", "name", "")] + epoch_cols + [("x a", "vs_a", ".2f"), ("peak RSS MiB", "peak_rss", ",.0f")]
+    print(
+        f"\n== one epoch = train + validation, batch {bs}"
+        + (f", capped at {cfg.max_steps} steps" if cfg.max_steps else "")
+        + " =="
+    )
+    shown = [
+        {
+            **with_steps(r),
+            "vs_a": base_ips and r["images_per_s"] / base_ips,
+            "peak_rss": r["memory"]["peak_rss_MiB"],
+            "gpu_peak": r["memory"].get("gpu_peak_MiB"),
+        }
+        for r in rows
+    ]
+    cols = (
+        [("pipeline", "name", "")]
+        + epoch_cols
+        + [("x a", "vs_a", ".2f"), ("peak RSS MiB", "peak_rss", ",.0f")]
+    )
     if device.type == "cuda":
         cols.append(("GPU peak MiB", "gpu_peak", ",.0f"))
     print(table(shown, cols))
-    print("  ".join(f"{k} = {v:.2f}" for k, v in ratios.items()) or "(no ratios: run a and c, or b and c)")
+    print(
+        "  ".join(f"{k} = {v:.2f}" for k, v in ratios.items())
+        or "(no ratios: run a and c, or b and c)"
+    )
     if cfg.rounds > 1:
-        print(f"median of {cfg.rounds} interleaved rounds; per round: "
-              + "; ".join(f"{k} " + " ".join(f"{q:.2f}" for q in v) for k, v in per_round.items()))
+        print(
+            f"median of {cfg.rounds} interleaved rounds; per round: "
+            + "; ".join(f"{k} " + " ".join(f"{q:.2f}" for q in v) for k, v in per_round.items())
+        )
     for c in out["compile_payoff"]:
         after = c["pays_off_after_epochs"]
         rounds = c["saved_per_epoch_s_per_round"]
-        print(f"torch.compile at {c['precision']}: one-off {c['one_off_s']:.1f} s, saves {c['saved_per_epoch_s']:.2f} s "
-              "per full epoch" + (f" (per round: {' '.join(f'{x:.2f}' for x in rounds)})" if len(rounds) > 1 else "")
-              + ": " + (f"pays off after {after:.1f} epochs" if after is not None else "never pays off")
-              + f"; net over 30 epochs {c['net_gain_30_epochs_s']:+.1f} s")
+        print(
+            f"torch.compile at {c['precision']}: one-off {c['one_off_s']:.1f} s, saves {c['saved_per_epoch_s']:.2f} s "
+            "per full epoch"
+            + (f" (per round: {' '.join(f'{x:.2f}' for x in rounds)})" if len(rounds) > 1 else "")
+            + ": "
+            + (f"pays off after {after:.1f} epochs" if after is not None else "never pays off")
+            + f"; net over 30 epochs {c['net_gain_30_epochs_s']:+.1f} s"
+        )
     for note in out["notes"]:
         print(note)
     for r in rows:
         if r.get("graph"):
             g = r["graph"]
-            print(f"c[{r['variant']}]'s timed epoch (a fresh fit): {g['warmup_steps']} eager warm-up steps, "
-                  f"{g['captures']} capture(s), {g['replays']} of {r['train_steps']} steps replayed")
+            print(
+                f"c[{r['variant']}]'s timed epoch (a fresh fit): {g['warmup_steps']} eager warm-up steps, "
+                f"{g['captures']} capture(s), {g['replays']} of {r['train_steps']} steps replayed"
+            )
     if out.get("scaling_batch_size"):
         print("\n== plain loop (a) vs batch size ==")
-        print(table([with_steps(r) for r in out["scaling_batch_size"]], [("batch", "batch_size", "")] + epoch_cols))
+        print(
+            table(
+                [with_steps(r) for r in out["scaling_batch_size"]],
+                [("batch", "batch_size", "")] + epoch_cols,
+            )
+        )
     if out.get("scaling_fraction"):
         print(f"\n== plain loop (a) vs train-set fraction, batch {bs} ==")
-        print(table([with_steps(r) for r in out["scaling_fraction"]],
-                    [("fraction", "fraction", ".2f"), ("images", "images", ",")] + epoch_cols))
-    print(f"\nRSS after imports {RSS_AFTER_IMPORTS_MiB:,.0f} MiB; peak RSS per stage (MiB): "
-          + ", ".join([f"cache+setup {out['cache']['memory']['peak_rss_MiB']:,.0f}"]
-                      + [f"{r['pipeline']}[{r['variant']}] {r['memory']['peak_rss_MiB']:,.0f}" for r in rows]))
+        print(
+            table(
+                [with_steps(r) for r in out["scaling_fraction"]],
+                [("fraction", "fraction", ".2f"), ("images", "images", ",")] + epoch_cols,
+            )
+        )
+    print(
+        f"\nRSS after imports {RSS_AFTER_IMPORTS_MiB:,.0f} MiB; peak RSS per stage (MiB): "
+        + ", ".join(
+            [f"cache+setup {out['cache']['memory']['peak_rss_MiB']:,.0f}"]
+            + [f"{r['pipeline']}[{r['variant']}] {r['memory']['peak_rss_MiB']:,.0f}" for r in rows]
+        )
+    )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")

@@ -1,6 +1,7 @@
 """The benchmark's timed epochs, one function per pipeline (bench.py's docstring says what each is
 and how they are compared): (a) plain_epoch, (b) pipeline_b, (c) pipeline_c; and time_cache, the
 decode-once cache's build and load. Each epoch comes back as result()'s dict of times and counts."""
+
 from __future__ import annotations
 
 import copy
@@ -44,12 +45,22 @@ def caps(n_train: int, n_val: int, max_steps: int | None) -> tuple[int, int]:
     return max_steps, max(1, math.ceil(n_val * max_steps / n_train))
 
 
-def result(images: int, steps: int, full_steps: int, val_steps: int, train_s: float, val_s: float, val_acc) -> dict:
+def result(
+    images: int, steps: int, full_steps: int, val_steps: int, train_s: float, val_s: float, val_acc
+) -> dict:
     epoch_s = train_s + val_s
-    return {"images": images, "train_steps": steps, "full_train_steps": full_steps, "val_steps": val_steps,
-            "train_s": round(train_s, 4), "val_s": round(val_s, 4), "epoch_s": round(epoch_s, 4),
-            "images_per_s": round(images / epoch_s, 1), "full_epoch_s_est": round(epoch_s * full_steps / steps, 2),
-            "val_acc": None if val_acc is None else round(float(val_acc), 4)}
+    return {
+        "images": images,
+        "train_steps": steps,
+        "full_train_steps": full_steps,
+        "val_steps": val_steps,
+        "train_s": round(train_s, 4),
+        "val_s": round(val_s, 4),
+        "epoch_s": round(epoch_s, 4),
+        "images_per_s": round(images / epoch_s, 1),
+        "full_epoch_s_est": round(epoch_s * full_steps / steps, 2),
+        "val_acc": None if val_acc is None else round(float(val_acc), 4),
+    }
 
 
 def with_warmup(r: dict, warmup_s: float, steps: int, val_steps: int | None = None) -> dict:
@@ -58,7 +69,11 @@ def with_warmup(r: dict, warmup_s: float, steps: int, val_steps: int | None = No
     compile time, allocator, autotuning)."""
     val_steps = steps if val_steps is None else val_steps
     at_pace = steps * r["train_s"] / r["train_steps"] + val_steps * r["val_s"] / r["val_steps"]
-    return {**r, "warmup_s": round(warmup_s, 3), "one_off_s": round(warmup_s - at_pace, 3) if steps else None}
+    return {
+        **r,
+        "warmup_s": round(warmup_s, 3),
+        "one_off_s": round(warmup_s - at_pace, 3) if steps else None,
+    }
 
 
 def model_dict(cfg: DictConfig, num_classes: int) -> dict:
@@ -70,24 +85,34 @@ def model_dict(cfg: DictConfig, num_classes: int) -> dict:
 def make_net(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     L.seed_everything(cfg.seed, verbose=False)  # the same initial weights in every pipeline
     net = build_net(model_dict(cfg, num_classes), cfg.data.image_size)
-    return torch.compile(net, mode=cfg.model.compile_mode) if cfg.model.compile else net  # as the Classifier does
+    return (
+        torch.compile(net, mode=cfg.model.compile_mode) if cfg.model.compile else net
+    )  # as the Classifier does
 
 
 # ---------------------------------------------------------------- (a) plain loop
-def plain_epoch(cfg: DictConfig, data: dict, device: torch.device, batch_size: int, fraction: float = 1.0) -> dict:
+def plain_epoch(
+    cfg: DictConfig, data: dict, device: torch.device, batch_size: int, fraction: float = 1.0
+) -> dict:
     """One epoch of the same net, optimizer and batch order as (c) over uint8 tensors already on
     `device`: no DataLoader, no Lightning, no metrics objects. The reference limit."""
     x, y, sizes, vx, vy = data["x"], data["y"], data["sizes"], data["vx"], data["vy"]
-    if fraction < 1:  # the first `fraction` of each train dir, so per-directory batching still applies
+    if (
+        fraction < 1
+    ):  # the first `fraction` of each train dir, so per-directory batching still applies
         starts = [0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]]
         sizes = [max(1, int(n * fraction)) for n in sizes]
         keep = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, sizes)]).to(device)
         x, y = x[keep], y[keep]
     # Index tensors are made before the clock starts: (c) pays for them per step, but that is the
     # data path's cost, which is what the limit leaves out.
-    batches = [torch.tensor(b, device=device)
-               for b in DirectoryBatchSampler(sizes, batch_size, cfg.fidelity.batching, cfg.seed).batches()]
-    vbs = eval_batch_size(cfg.data.eval_batch_size, batch_size, device)  # validation batches, as (c) has them
+    batches = [
+        torch.tensor(b, device=device)
+        for b in DirectoryBatchSampler(sizes, batch_size, cfg.fidelity.batching, cfg.seed).batches()
+    ]
+    vbs = eval_batch_size(
+        cfg.data.eval_batch_size, batch_size, device
+    )  # validation batches, as (c) has them
     n_train, n_val = caps(len(batches), math.ceil(len(vy) / vbs), cfg.max_steps)
     net = make_net(cfg, data["num_classes"]).to(device)
     opt = complete(instantiate(cfg.optim, "optim"), "optim", params=net.parameters())
@@ -108,9 +133,11 @@ def plain_epoch(cfg: DictConfig, data: dict, device: torch.device, batch_size: i
     def validate(steps):
         net.eval()
         end = min(steps * vbs, len(vy))
-        correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no per-step sync
+        correct = torch.zeros(
+            (), dtype=torch.long, device=device
+        )  # summed on the device: no per-step sync
         for i in range(0, end, vbs):
-            correct += (net(fmt(vx[i:i + vbs])).argmax(1) == vy[i:i + vbs]).sum()
+            correct += (net(fmt(vx[i : i + vbs])).argmax(1) == vy[i : i + vbs]).sum()
         return correct.item() / end
 
     w = cfg.warmup_steps
@@ -124,7 +151,9 @@ def plain_epoch(cfg: DictConfig, data: dict, device: torch.device, batch_size: i
     acc = validate(n_val)
     t2 = clock(device)
     images = sum(len(b) for b in batches[:n_train])
-    return with_warmup(result(images, n_train, len(batches), n_val, t1 - t0, t2 - t1, acc), t0 - tw, w)
+    return with_warmup(
+        result(images, n_train, len(batches), n_val, t1 - t0, t2 - t1, acc), t0 - tw, w
+    )
 
 
 # ---------------------------------------------------------------- (b) and (c): Lightning
@@ -146,8 +175,15 @@ class EpochTimer(L.Callback):
         self.t2 = clock(module.device)
 
 
-def lightning_epoch(make_trainer, module: L.LightningModule, n_train: int, n_val: int, cfg: DictConfig,
-                    compiled: bool = False, **fit_kwargs) -> dict:
+def lightning_epoch(
+    make_trainer,
+    module: L.LightningModule,
+    n_train: int,
+    n_val: int,
+    cfg: DictConfig,
+    compiled: bool = False,
+    **fit_kwargs,
+) -> dict:
     """Warm up with a short fit, then time one epoch with a fresh Trainer on the same module. A
     compiled module warms up on the timed epoch itself (same batches: same seed, epoch 0), so every
     batch shape the clock meets (each directory's last partial batch, validation's) is compiled."""
@@ -155,16 +191,29 @@ def lightning_epoch(make_trainer, module: L.LightningModule, n_train: int, n_val
     warm_steps, warm_val = (steps, val_steps) if compiled else (cfg.warmup_steps, cfg.warmup_steps)
     tw = time.perf_counter()
     if warm_steps:
-        make_trainer(limit_train_batches=warm_steps, limit_val_batches=warm_val).fit(module, **fit_kwargs)
+        make_trainer(limit_train_batches=warm_steps, limit_val_batches=warm_val).fit(
+            module, **fit_kwargs
+        )
     warmup_s = time.perf_counter() - tw
     timer = EpochTimer()
-    trainer = make_trainer(callbacks=[timer], limit_train_batches=steps, limit_val_batches=val_steps)
+    trainer = make_trainer(
+        callbacks=[timer], limit_train_batches=steps, limit_val_batches=val_steps
+    )
     trainer.fit(module, **fit_kwargs)
-    r = result(timer.images, steps, n_train, val_steps, timer.t1 - timer.t0, timer.t2 - timer.t1,
-               trainer.callback_metrics.get("val/acc"))
+    r = result(
+        timer.images,
+        steps,
+        n_train,
+        val_steps,
+        timer.t1 - timer.t0,
+        timer.t2 - timer.t1,
+        trainer.callback_metrics.get("val/acc"),
+    )
     # what ran inside the timed epoch besides the module
-    r.update(callbacks=[type(c).__name__ for c in trainer.callbacks if c is not timer],
-             logger=type(trainer.logger).__name__ if trainer.logger else None)
+    r.update(
+        callbacks=[type(c).__name__ for c in trainer.callbacks if c is not timer],
+        logger=type(trainer.logger).__name__ if trainer.logger else None,
+    )
     return with_warmup(r, warmup_s, warm_steps, warm_val)
 
 
@@ -177,7 +226,9 @@ class PlainModule(L.LightningModule):
 
     def forward(self, x):
         x = x * 255  # ToTensor scaled to 0..1; the net divides by 255 itself
-        return self.net(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
+        return self.net(
+            x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        )
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -197,52 +248,106 @@ class PlainModule(L.LightningModule):
 
 def pipeline_b(cfg: DictConfig, device: torch.device, num_classes: int) -> dict:
     root, to_tensor = Path(cfg.data.root), transforms.ToTensor()
-    train = ConcatDataset([datasets.ImageFolder(root / d, transform=to_tensor) for d in cfg.data.train_dirs])
+    train = ConcatDataset(
+        [datasets.ImageFolder(root / d, transform=to_tensor) for d in cfg.data.train_dirs]
+    )
     val = datasets.ImageFolder(root / cfg.data.val_dir, transform=to_tensor)
     workers, bs = min(4, os.cpu_count() or 1), cfg.data.batch_size
     # Not persistent: workers start inside each timed epoch, a cost this pipeline pays every epoch.
     train_dl = DataLoader(train, batch_size=bs, shuffle=True, num_workers=workers)
     val_dl = DataLoader(val, batch_size=bs, num_workers=workers)
-    module = PlainModule(make_net(cfg, num_classes), instantiate(cfg.optim, "optim"), bool(cfg.model.channels_last))
+    module = PlainModule(
+        make_net(cfg, num_classes), instantiate(cfg.optim, "optim"), bool(cfg.model.channels_last)
+    )
 
     def make_trainer(**kw):
-        return L.Trainer(accelerator=device.type, devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         default_root_dir=cfg.run_dir, **kw)
+        return L.Trainer(
+            accelerator=device.type,
+            devices=1,
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=cfg.run_dir,
+            **kw,
+        )
 
-    out = lightning_epoch(make_trainer, module, len(train_dl), len(val_dl), cfg,
-                          train_dataloaders=train_dl, val_dataloaders=val_dl)
+    out = lightning_epoch(
+        make_trainer,
+        module,
+        len(train_dl),
+        len(val_dl),
+        cfg,
+        train_dataloaders=train_dl,
+        val_dataloaders=val_dl,
+    )
     return {**out, "num_workers": workers}
 
 
-def pipeline_c(cfg: DictConfig, datamodule, classes: list[str], sizes: list[int], n_val_images: int,
-               precision: str, device: torch.device) -> dict:
+def pipeline_c(
+    cfg: DictConfig,
+    datamodule,
+    classes: list[str],
+    sizes: list[int],
+    n_val_images: int,
+    precision: str,
+    device: torch.device,
+) -> dict:
     """What train runs: the Classifier and the datamodule in a Trainer with the configured callbacks
     (checkpoints, early stopping, progress bar, history...) and logger, all timed. Each fit writes
     into its own directory, removed afterwards."""
     container = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
     L.seed_everything(cfg.seed, verbose=False)
-    model = Classifier(model=model_dict(cfg, len(classes)), optim=container(cfg.optim),
-                       scheduler=container(cfg.scheduler), class_names=classes, monitor=cfg.monitor,
-                       image_size=cfg.data.image_size)
+    model = Classifier(
+        model=model_dict(cfg, len(classes)),
+        optim=container(cfg.optim),
+        scheduler=container(cfg.scheduler),
+        class_names=classes,
+        monitor=cfg.monitor,
+        image_size=cfg.data.image_size,
+    )
     fits = Path(tempfile.mkdtemp(prefix="c-fits-", dir=cfg.run_dir))
 
     def make_trainer(callbacks=(), **kw):
         fit_cfg = copy.deepcopy(cfg)
-        fit_cfg.run_dir = tempfile.mkdtemp(dir=fits)  # the config's ${run_dir}: checkpoints, logs, history
+        fit_cfg.run_dir = tempfile.mkdtemp(
+            dir=fits
+        )  # the config's ${run_dir}: checkpoints, logs, history
         logger, configured = build_logger_and_callbacks(fit_cfg)
-        return instantiate(fit_cfg.trainer, "trainer", max_epochs=1, logger=logger, precision=precision,
-                           callbacks=configured + list(callbacks), **kw)
+        return instantiate(
+            fit_cfg.trainer,
+            "trainer",
+            max_epochs=1,
+            logger=logger,
+            precision=precision,
+            callbacks=configured + list(callbacks),
+            **kw,
+        )
 
     bs = cfg.data.batch_size
     n_train = len(DirectoryBatchSampler(sizes, bs, cfg.fidelity.batching))
     try:
         n_val = math.ceil(n_val_images / eval_batch_size(cfg.data.eval_batch_size, bs, device))
-        r = lightning_epoch(make_trainer, model, n_train, n_val, cfg, compiled=bool(cfg.model.compile),
-                            datamodule=datamodule)
-        if model.graphed is not None:  # the timed fit is a fresh one: it warmed up and captured inside the clock
+        r = lightning_epoch(
+            make_trainer,
+            model,
+            n_train,
+            n_val,
+            cfg,
+            compiled=bool(cfg.model.compile),
+            datamodule=datamodule,
+        )
+        if (
+            model.graphed is not None
+        ):  # the timed fit is a fresh one: it warmed up and captured inside the clock
             g = model.graphed
-            r["graph"] = {"warmup_steps": g.eager_steps, "captures": g.captures, "replays": g.replays}
+            r["graph"] = {
+                "warmup_steps": g.eager_steps,
+                "captures": g.captures,
+                "replays": g.replays,
+            }
         return r
     finally:
         shutil.rmtree(fits, ignore_errors=True)
@@ -256,12 +361,19 @@ def time_cache(cfg: DictConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="cifar-bench-") as tmp:
         split = Path(tmp) / src.name
         shutil.copytree(src, split)
-        folder = KerasImageFolder(split, cfg.data.image_size, cfg.fidelity.resize, cfg.data.skip_bad_files)
+        folder = KerasImageFolder(
+            split, cfg.data.image_size, cfg.fidelity.resize, cfg.data.skip_bad_files
+        )
         args = (folder, cfg.data.image_size, cfg.fidelity.resize)
         t0 = time.perf_counter()
         images = load_split(*args)[0]  # no cache file yet: decode every image, save
         t1 = time.perf_counter()
         load_split(*args)  # the file now exists: fingerprint + torch.load
         t2 = time.perf_counter()
-    return {"split": src.name, "images": len(images), "build_s": round(t1 - t0, 3), "load_s": round(t2 - t1, 4),
-            "build_images_per_s": round(len(images) / (t1 - t0), 1)}
+    return {
+        "split": src.name,
+        "images": len(images),
+        "build_s": round(t1 - t0, 3),
+        "load_s": round(t2 - t1, 4),
+        "build_images_per_s": round(len(images) / (t1 - t0), 1),
+    }

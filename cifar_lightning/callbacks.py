@@ -1,4 +1,5 @@
 """Lightning callbacks of our own: the per-epoch history file and Keras-style console lines."""
+
 from __future__ import annotations
 
 import logging
@@ -29,27 +30,39 @@ class History(L.Callback):
 
     def _report_cut(self, trainer, epoch: int) -> None:
         lr = self._current_lr(trainer)
-        plateau = any(isinstance(c.scheduler, ReduceLROnPlateau) for c in trainer.lr_scheduler_configs)
+        plateau = any(
+            isinstance(c.scheduler, ReduceLROnPlateau) for c in trainer.lr_scheduler_configs
+        )
         if plateau and self._lr is not None and lr < self._lr:  # not one-cycle's every-step changes
             log.info(f"Epoch {epoch}: ReduceLROnPlateau reducing learning rate to {lr:.4g}.")
         self._lr = lr
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._report_cut(trainer, trainer.current_epoch)  # the cut was made after the previous epoch
+        self._report_cut(
+            trainer, trainer.current_epoch
+        )  # the cut was made after the previous epoch
         self._t0 = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
         m = trainer.callback_metrics
         if "train/loss" in m and not torch.isfinite(m["train/loss"]):
-            log.warning(f"Training diverged: train/loss is {float(m['train/loss'])} in epoch {trainer.current_epoch + 1}; "
-                  "stopping (try a lower optim.lr). Non-finite epochs are never the best checkpoint.")
+            log.warning(
+                f"Training diverged: train/loss is {float(m['train/loss'])} in epoch {trainer.current_epoch + 1}; "
+                "stopping (try a lower optim.lr). Non-finite epochs are never the best checkpoint."
+            )
             trainer.should_stop = True
         if "val/loss" not in m or any(r["epoch"] == trainer.current_epoch + 1 for r in self.rows):
             return  # a resumed run replays the end of its last epoch: the row is already there
         get = lambda k: float(m[k]) if k in m else math.nan  # noqa: E731
-        row = {"epoch": trainer.current_epoch + 1, "train_loss": get("train/loss"), "train_acc": get("train/acc"),
-               "val_loss": get("val/loss"), "val_acc": get("val/acc"), "lr": self._lr,
-               "epoch_seconds": round(time.perf_counter() - self._t0, 3)}
+        row = {
+            "epoch": trainer.current_epoch + 1,
+            "train_loss": get("train/loss"),
+            "train_acc": get("train/acc"),
+            "val_loss": get("val/loss"),
+            "val_acc": get("val/acc"),
+            "lr": self._lr,
+            "epoch_seconds": round(time.perf_counter() - self._t0, 3),
+        }
         self.rows.append(row)  # every rank keeps the rows (they agree: metrics are synced)
         if trainer.is_global_zero:
             write_csv(self.path, self.rows, HISTORY_COLUMNS)
@@ -98,5 +111,9 @@ class InterruptCheckpoint(L.Callback):
             return
         trainer.save_checkpoint(self.path, weights_only=False)  # the whole state, for inspection
         last = self.path.parent / "last.ckpt"
-        hint = f"continue with resume={last}" if last.exists() else "no epoch had finished, so there is nothing to resume"
+        hint = (
+            f"continue with resume={last}"
+            if last.exists()
+            else "no epoch had finished, so there is nothing to resume"
+        )
         log.warning(f"{type(exception).__name__}: state saved to {self.path}; {hint}")

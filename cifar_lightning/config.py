@@ -1,4 +1,5 @@
 """Config helpers: instantiate only project-approved `_target_`s, and compose outside a CLI."""
+
 from __future__ import annotations
 
 import inspect
@@ -25,15 +26,23 @@ ALLOWED_TARGET_PREFIXES = (
 )
 # ...and what the name resolves to must be a class or function defined there: a dotted path can
 # reach through an allowed module to anything it imported (`cifar_lightning.data.cache.os.system`).
-ALLOWED_TARGET_MODULES = ("torch.optim", "lightning.pytorch.trainer",
-                          "lightning.pytorch.callbacks", "lightning.pytorch.loggers")
+ALLOWED_TARGET_MODULES = (
+    "torch.optim",
+    "lightning.pytorch.trainer",
+    "lightning.pytorch.callbacks",
+    "lightning.pytorch.loggers",
+)
 
 
 # ...and of the project's own code, only what configs build: its helpers (report.write_csv, say) would
 # write any text to any path. A new optimizer, scheduler or callback of ours is added here.
-PROJECT_TARGETS = ("cifar_lightning.model.optim.RMSprop", "cifar_lightning.model.schedule.reduce_on_plateau",
-                   "cifar_lightning.model.schedule.one_cycle", "cifar_lightning.callbacks.InterruptCheckpoint",
-                   "cifar_lightning.report.SweepSummary")
+PROJECT_TARGETS = (
+    "cifar_lightning.model.optim.RMSprop",
+    "cifar_lightning.model.schedule.reduce_on_plateau",
+    "cifar_lightning.model.schedule.one_cycle",
+    "cifar_lightning.callbacks.InterruptCheckpoint",
+    "cifar_lightning.report.SweepSummary",
+)
 
 
 def _is_allowed(target: str) -> bool:
@@ -45,9 +54,12 @@ def _is_allowed(target: str) -> bool:
         return True
     module = getattr(obj, "__module__", None) or ""
     if module == "cifar_lightning" or module.startswith("cifar_lightning."):
-        return any(obj is _locate(t) for t in PROJECT_TARGETS)  # by identity: re-exports resolve alike
+        return any(
+            obj is _locate(t) for t in PROJECT_TARGETS
+        )  # by identity: re-exports resolve alike
     return (inspect.isclass(obj) or inspect.isfunction(obj)) and any(
-        module == m or module.startswith(m + ".") for m in ALLOWED_TARGET_MODULES)
+        module == m or module.startswith(m + ".") for m in ALLOWED_TARGET_MODULES
+    )
 
 
 def check_targets(node: Any, key: str = "") -> None:
@@ -63,9 +75,11 @@ def check_targets(node: Any, key: str = "") -> None:
     for k, v in items:
         path = f"{key}.{k}" if key else str(k)
         if k == "_target_" and v is not None and not _is_allowed(str(v)):
-            raise UserError(f"{path}={v} is not an allowed target (allowed: classes and functions of "
-                            f"{', '.join(ALLOWED_TARGET_MODULES)}; of cifar_lightning: "
-                            f"{', '.join(t.rpartition('.')[2] for t in PROJECT_TARGETS)})")
+            raise UserError(
+                f"{path}={v} is not an allowed target (allowed: classes and functions of "
+                f"{', '.join(ALLOWED_TARGET_MODULES)}; of cifar_lightning: "
+                f"{', '.join(t.rpartition('.')[2] for t in PROJECT_TARGETS)})"
+            )
         if k != "_target_":
             check_targets(v, path)
 
@@ -85,11 +99,18 @@ def whole(low: int) -> tuple:
     return (lambda v: _is_int(v) and v >= low), f"must be a whole number >= {low}"
 
 
-def number(low: float, high: float = math.inf, *, above: bool = False, below: bool = False) -> tuple:
+def number(
+    low: float, high: float = math.inf, *, above: bool = False, below: bool = False
+) -> tuple:
     """A number in [low, high]; above/below make that end open."""
-    ok = lambda v: _is_number(v) and (v > low if above else v >= low) and (v < high if below else v <= high)  # noqa: E731
-    span = f"{'(' if above else '['}{low}, {high}{')' if below else ']'}" if high != math.inf else \
-        f"{'>' if above else '>='} {low}"
+    ok = lambda v: (
+        _is_number(v) and (v > low if above else v >= low) and (v < high if below else v <= high)
+    )  # noqa: E731
+    span = (
+        f"{'(' if above else '['}{low}, {high}{')' if below else ']'}"
+        if high != math.inf
+        else f"{'>' if above else '>='} {low}"
+    )
     return ok, f"must be a number {'in ' if high != math.inf else ''}{span}"
 
 
@@ -102,44 +123,97 @@ BOOLEAN = (lambda v: isinstance(v, bool)), "must be true or false"
 
 def list_of(rule: tuple, example: str, empty_ok: bool = False) -> tuple:
     ok, must = rule
-    return ((lambda v: OmegaConf.is_list(v) and (empty_ok or len(v) > 0) and all(ok(w) for w in v)),
-            f"must be a list like {example}; each item {must.replace('is not one of', 'must be one of')}")
+    return (
+        (lambda v: OmegaConf.is_list(v) and (empty_ok or len(v) > 0) and all(ok(w) for w in v)),
+        f"must be a list like {example}; each item {must.replace('is not one of', 'must be one of')}",
+    )
 
 
 WHOLE_LIST = list_of(whole(1), "[32,64,128]")
 NAME = (lambda v: isinstance(v, str) and v != ""), "must be a folder name"
-AUGMENT = (lambda v: v is None or (OmegaConf.is_dict(v) and set(v) <= {"flip", "rotation_deg", "zoom", "translate"}
-                                   and all(isinstance(x, bool) if k == "flip" else _is_number(x) and x >= 0
-                                           for k, x in v.items())),
-           "must be null or {flip: true|false, rotation_deg: N, zoom: N, translate: N} with numbers >= 0")
+AUGMENT = (
+    lambda v: (
+        v is None
+        or (
+            OmegaConf.is_dict(v)
+            and set(v) <= {"flip", "rotation_deg", "zoom", "translate"}
+            and all(
+                isinstance(x, bool) if k == "flip" else _is_number(x) and x >= 0
+                for k, x in v.items()
+            )
+        )
+    ),
+    "must be null or {flip: true|false, rotation_deg: N, zoom: N, translate: N} with numbers >= 0",
+)
 
 # The one metric and the direction that makes it better: val/acc kept at its lowest would be a silent mistake.
 MONITOR_MODES = {"val/loss": "min", "val/acc": "max"}
 RULES = {
-    "seed": whole(0), "test": BOOLEAN, "monitor": one_of(*MONITOR_MODES), "monitor_mode": one_of("min", "max"),
-    "data.batch_size": whole(1), "data.image_size": whole(1), "data.num_workers": whole(0),
-    "data.eval_batch_size": ((lambda v: v == "auto" or _is_int(v) and v >= 1), "must be auto or a whole number >= 1"),
-    "data.cache": BOOLEAN, "data.skip_bad_files": BOOLEAN, "data.train_dirs": list_of(NAME, "[train_1,train_2]"),
-    "model.widths": WHOLE_LIST, "model.hidden": whole(1), "model.dropout": number(0, 1, below=True),
-    "model.num_classes": whole(1), "model.bn_momentum": number(0, 1), "model.bn_eps": number(0, above=True),
-    "model.channels_last": BOOLEAN, "model.compile": BOOLEAN, "model.cuda_graph": BOOLEAN,
-    "model.compile_mode": one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"), "model.l2": number(0),
-    "model.label_smoothing": number(0, 1, below=True), "model.tta_flip": BOOLEAN, "model.augment": AUGMENT,
+    "seed": whole(0),
+    "test": BOOLEAN,
+    "monitor": one_of(*MONITOR_MODES),
+    "monitor_mode": one_of("min", "max"),
+    "data.batch_size": whole(1),
+    "data.image_size": whole(1),
+    "data.num_workers": whole(0),
+    "data.eval_batch_size": (
+        (lambda v: v == "auto" or _is_int(v) and v >= 1),
+        "must be auto or a whole number >= 1",
+    ),
+    "data.cache": BOOLEAN,
+    "data.skip_bad_files": BOOLEAN,
+    "data.train_dirs": list_of(NAME, "[train_1,train_2]"),
+    "model.widths": WHOLE_LIST,
+    "model.hidden": whole(1),
+    "model.dropout": number(0, 1, below=True),
+    "model.num_classes": whole(1),
+    "model.bn_momentum": number(0, 1),
+    "model.bn_eps": number(0, above=True),
+    "model.channels_last": BOOLEAN,
+    "model.compile": BOOLEAN,
+    "model.cuda_graph": BOOLEAN,
+    "model.compile_mode": one_of(
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ),
+    "model.l2": number(0),
+    "model.label_smoothing": number(0, 1, below=True),
+    "model.tta_flip": BOOLEAN,
+    "model.augment": AUGMENT,
     "optim.eps_inside_root": BOOLEAN,
-    "trainer.max_epochs": ((lambda v: _is_int(v) and (v == -1 or v >= 1)), "must be -1 (no limit) or a whole number >= 1"),
-    "trainer.log_every_n_steps": whole(1), "scheduler.patience": whole(0),
+    "trainer.max_epochs": (
+        (lambda v: _is_int(v) and (v == -1 or v >= 1)),
+        "must be -1 (no limit) or a whole number >= 1",
+    ),
+    "trainer.log_every_n_steps": whole(1),
+    "scheduler.patience": whole(0),
     "trainer.profiler": one_of("simple", "advanced", "pytorch"),
-    "trainer.deterministic": ((lambda v: isinstance(v, bool) or v == "warn"), "must be true, false or warn"),
-    "callbacks.early_stopping.patience": whole(0), "callbacks.early_stopping.min_delta": number(0),
-    "callbacks.early_stopping.check_finite": BOOLEAN, "callbacks.progress_bar.refresh_rate": whole(0),
+    "trainer.deterministic": (
+        (lambda v: isinstance(v, bool) or v == "warn"),
+        "must be true, false or warn",
+    ),
+    "callbacks.early_stopping.patience": whole(0),
+    "callbacks.early_stopping.min_delta": number(0),
+    "callbacks.early_stopping.check_finite": BOOLEAN,
+    "callbacks.progress_bar.refresh_rate": whole(0),
     # The Classifier runs its own optimizer step (Lightning's manual optimization), which these two
     # Trainer options would reach into; Lightning would stop with a traceback
-    "trainer.accumulate_grad_batches": ((lambda v: v == 1), "is not supported: the Classifier steps its optimizer "
-                                        "itself (Lightning's manual optimization); use a larger data.batch_size"),
-    "trainer.gradient_clip_val": ((lambda v: v == 0), "is not supported: the Classifier steps its optimizer itself "
-                                  "(Lightning's manual optimization)"),
+    "trainer.accumulate_grad_batches": (
+        (lambda v: v == 1),
+        "is not supported: the Classifier steps its optimizer "
+        "itself (Lightning's manual optimization); use a larger data.batch_size",
+    ),
+    "trainer.gradient_clip_val": (
+        (lambda v: v == 0),
+        "is not supported: the Classifier steps its optimizer itself "
+        "(Lightning's manual optimization)",
+    ),
 }
-TEXT_KEYS = {"_target_", "mode", "counting", "interval"}  # the only optim/scheduler keys that hold text
+TEXT_KEYS = {
+    "_target_",
+    "mode",
+    "counting",
+    "interval",
+}  # the only optim/scheduler keys that hold text
 
 
 def _typed_key(cfg: DictConfig, key: str) -> str:
@@ -160,8 +234,12 @@ def _choices() -> dict[str, tuple]:
     from cifar_lightning.model.net import INITS
     from cifar_lightning.model.schedule import COUNTINGS
 
-    return {"model.init": one_of(*INITS), "scheduler.counting": one_of(*COUNTINGS),
-            "fidelity.batching": one_of(*BATCHINGS), "fidelity.resize": one_of(*RESIZES)}
+    return {
+        "model.init": one_of(*INITS),
+        "scheduler.counting": one_of(*COUNTINGS),
+        "fidelity.batching": one_of(*BATCHINGS),
+        "fidelity.resize": one_of(*RESIZES),
+    }
 
 
 def _shown(v: Any) -> str:
@@ -177,7 +255,9 @@ def check_values(cfg: DictConfig, extra_rules: dict | None = None) -> None:
             raise UserError(f"{_typed_key(cfg, key)}={_shown(v)}{sep}{must}")
     monitor, mode = cfg.get("monitor"), cfg.get("monitor_mode")
     if monitor in MONITOR_MODES and mode is not None and mode != MONITOR_MODES[monitor]:
-        raise UserError(f"monitor_mode={mode} would keep the worst {monitor}; use monitor_mode={MONITOR_MODES[monitor]}")
+        raise UserError(
+            f"monitor_mode={mode} would keep the worst {monitor}; use monitor_mode={MONITOR_MODES[monitor]}"
+        )
     for group in ("optim", "scheduler"):
         for k, v in (OmegaConf.select(cfg, group, default=None) or {}).items():
             if isinstance(v, str) and k not in TEXT_KEYS:

@@ -6,6 +6,7 @@ and exits non-zero; so too Hydra's and OmegaConf's errors, and an OSError from t
 (MACHINE_ERRNOS: a read-only mount, a full disk, a folder the user may not write).
 `HYDRA_FULL_ERROR=1` shows the full traceback instead.
 """
+
 from __future__ import annotations
 
 import errno
@@ -29,7 +30,8 @@ def _is_user_facing(exc: BaseException) -> bool:
     from omegaconf.errors import OmegaConfBaseException
 
     return isinstance(exc, (UserError, HydraException, OmegaConfBaseException)) or (
-        isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS)
+        isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS
+    )
 
 
 def one_line(exc: BaseException) -> str:
@@ -42,20 +44,24 @@ def cli(hydra_main: Callable[[], object], after_sigterm: str = "") -> None:
     during fit exits 143 with one line, plus `after_sigterm` (what the user can do next)."""
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Hydra also writes "Error executing job with overrides: [...]" before re-raising; we say it once.
-    logging.getLogger("hydra.core.utils").addFilter(lambda r: not r.getMessage().startswith("Error executing job"))
+    logging.getLogger("hydra.core.utils").addFilter(
+        lambda r: not r.getMessage().startswith("Error executing job")
+    )
     sys.stderr = _DropLines(sys.stderr, "Error executing job with overrides")
     # Make Hydra re-raise instead of printing its own multi-line report, so we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        from cifar_lightning.config import check_override_targets
-
         # Hydra's --experimental-rerun unpickles the file it is given: code, if the file is hostile. Asked
         # of Hydra's own parser, which also takes any abbreviation (--exp FILE).
         from hydra._internal.utils import get_args_parser
 
+        from cifar_lightning.config import check_override_targets
+
         if get_args_parser().parse_known_args(sys.argv[1:])[0].experimental_rerun is not None:
-            raise UserError("--experimental-rerun is refused: it unpickles its file, which could run code; "
-                            "rerun with the overrides in RUN/.hydra/overrides.yaml instead")
+            raise UserError(
+                "--experimental-rerun is refused: it unpickles its file, which could run code; "
+                "rerun with the overrides in RUN/.hydra/overrides.yaml instead"
+            )
         check_override_targets(sys.argv[1:])
         hydra_main()
     except SystemExit as exc:
@@ -63,7 +69,10 @@ def cli(hydra_main: Callable[[], object], after_sigterm: str = "") -> None:
         # Ctrl-C and SIGTERM end the whole process, sweeps included, after OnExceptionCheckpoint
         # saved checkpoints/interrupted.ckpt; the exit status says it did not finish.
         if type(exc).__name__ == "SIGTERMException":
-            print("error: stopped by SIGTERM" + (f"; {after_sigterm}" if after_sigterm else ""), file=sys.stderr)
+            print(
+                "error: stopped by SIGTERM" + (f"; {after_sigterm}" if after_sigterm else ""),
+                file=sys.stderr,
+            )
             sys.exit(143)
         raise
     except Exception as exc:  # noqa: BLE001 - we decide below what is the user's to fix
@@ -72,7 +81,9 @@ def cli(hydra_main: Callable[[], object], after_sigterm: str = "") -> None:
             raise
         line = one_line(cause)
         print(line, file=sys.stderr)
-        if not _multirun():  # a sweep's jobs logged their own (report.SweepSummary); this is the last job's log
+        if (
+            not _multirun()
+        ):  # a sweep's jobs logged their own (report.SweepSummary); this is the last job's log
             to_log_files(line)
         sys.exit(2)
 
@@ -93,8 +104,9 @@ def _multirun() -> bool:
 
 def to_log_files(line: str) -> None:
     """Also put the error line in the run directory's <job>.log (Hydra's file handler), if there is one."""
-    record = logging.makeLogRecord({"name": "cifar_lightning", "levelno": logging.ERROR, "levelname": "ERROR",
-                                    "msg": line})
+    record = logging.makeLogRecord(
+        {"name": "cifar_lightning", "levelno": logging.ERROR, "levelname": "ERROR", "msg": line}
+    )
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)

@@ -4,6 +4,7 @@
 
 Writes metrics.json, predictions.csv, confusion_matrix.png and roc_curves.png to its own run
 directory (outputs/evaluate/<date>/<time>/)."""
+
 from __future__ import annotations
 
 import logging
@@ -22,7 +23,6 @@ from cifar_lightning.model.checkpoint import image_rule, load_net
 from cifar_lightning.report import write_evaluation
 from cifar_lightning.wiring import INFERENCE_RULES, pick_device, predict_logits
 
-
 log = logging.getLogger(__name__)
 
 
@@ -36,10 +36,14 @@ def match_classes(folder: list[str], ckpt: list[str]) -> tuple[list[int], str]:
         return list(range(len(ckpt))), "names equal"
     stripped = [_strip_index(c) for c in ckpt]
     if sorted(_strip_index(c) for c in folder) == sorted(stripped):
-        return [stripped.index(_strip_index(c)) for c in folder], "names equal after removing the NNN_ index"
+        return [
+            stripped.index(_strip_index(c)) for c in folder
+        ], "names equal after removing the NNN_ index"
     a, b = {_strip_index(c) for c in folder}, set(stripped)
-    raise UserError(f"eval_dir classes differ from the checkpoint's: only in eval_dir {sorted(a - b)}, "
-                    f"only in checkpoint {sorted(b - a)}")
+    raise UserError(
+        f"eval_dir classes differ from the checkpoint's: only in eval_dir {sorted(a - b)}, "
+        f"only in checkpoint {sorted(b - a)}"
+    )
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -50,15 +54,25 @@ def evaluate(cfg: DictConfig) -> dict:
     folder = KerasImageFolder(cfg.eval_dir, size, resize)
     index, rule = match_classes(folder.classes, class_names)
     log.info(f"classes matched: {rule}")
-    with tqdm(folder.samples, desc="decoding", unit="img") as samples:  # closed before an error line
+    with tqdm(
+        folder.samples, desc="decoding", unit="img"
+    ) as samples:  # closed before an error line
         images = torch.stack([folder.loader(p) for p, _ in samples])
     labels = torch.tensor([index[t] for t in folder.targets])
     logits = predict_logits(net, images, cfg.batch_size, device)
     run_dir = Path(cfg.run_dir)
-    metrics = write_evaluation(run_dir, logits, labels, [p for p, _ in folder.samples], class_names,
-                               extra={"ckpt_path": str(cfg.ckpt_path), "eval_dir": str(cfg.eval_dir)})
-    log.info(f"accuracy {metrics['test_accuracy']:.4f}  macro F1 {metrics['f1_macro']:.4f}  "
-          f"AUROC {metrics['auroc_macro']:.4f}  on {len(labels)} images; artefacts in {run_dir}")
+    metrics = write_evaluation(
+        run_dir,
+        logits,
+        labels,
+        [p for p, _ in folder.samples],
+        class_names,
+        extra={"ckpt_path": str(cfg.ckpt_path), "eval_dir": str(cfg.eval_dir)},
+    )
+    log.info(
+        f"accuracy {metrics['test_accuracy']:.4f}  macro F1 {metrics['f1_macro']:.4f}  "
+        f"AUROC {metrics['auroc_macro']:.4f}  on {len(labels)} images; artefacts in {run_dir}"
+    )
     return metrics
 
 

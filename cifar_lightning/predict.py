@@ -5,6 +5,7 @@
 
 Prints a table and writes predictions.csv (path, prediction, top-k classes with probabilities) to
 outputs/predict/<date>/<time>/. Unreadable files are reported by path and skipped."""
+
 from __future__ import annotations
 
 import glob
@@ -22,7 +23,6 @@ from cifar_lightning.model.checkpoint import image_rule, load_net
 from cifar_lightning.report import short_name, write_csv
 from cifar_lightning.wiring import INFERENCE_RULES, pick_device, predict_logits
 
-
 log = logging.getLogger(__name__)
 
 
@@ -31,7 +31,11 @@ def find_inputs(spec: str) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        files = [f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts)]
+        files = [
+            f
+            for f in p.rglob("*")
+            if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts)
+        ]
     else:
         files = [Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file()]
     files = sorted(f for f in files if f.suffix.lower() in EXTENSIONS or p.is_file())
@@ -69,7 +73,9 @@ def predict(cfg: DictConfig) -> list[dict]:
     width = min(60, max(len(r["path"]) for r in rows))
     log.info(f"{'image':<{width}}  top {k}")
     for r in rows:
-        tops = "  ".join(f"{short_name(r[f'top{j + 1}'])} {float(r[f'p{j + 1}']):.2f}" for j in range(k))
+        tops = "  ".join(
+            f"{short_name(r[f'top{j + 1}'])} {float(r[f'p{j + 1}']):.2f}" for j in range(k)
+        )
         log.info(f"{r['path'][-width:]:<{width}}  {tops}")
     log.info(f"{len(rows)} images; predictions.csv in {out.parent}")
     return rows

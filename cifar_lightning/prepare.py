@@ -6,6 +6,7 @@ split into its cache file, so the first training run starts warm.
     python -m cifar_lightning.prepare data.source=PATH/cifar-10-python.tar.gz
     python -m cifar_lightning.prepare                       # downloads (needs internet)
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,6 @@ from cifar_lightning.config import check_values
 from cifar_lightning.errors import cli
 from cifar_lightning.wiring import build_datamodule
 
-
 log = logging.getLogger(__name__)
 
 
@@ -28,8 +28,11 @@ def _main(cfg: DictConfig) -> None:
     datamodule.prepare_data()  # the layout
     datamodule.setup()  # classes across splits, every image decoded once: into the caches, or checked
     kind = "cached" if cfg.data.cache else "checked"
-    log.info(f"ready: {cfg.data.root} ({len(datamodule.classes)} classes, "
-             + ", ".join(f"{name} {len(paths):,}" for name, paths in datamodule.paths.items()) + f" images, {kind})")
+    log.info(
+        f"ready: {cfg.data.root} ({len(datamodule.classes)} classes, "
+        + ", ".join(f"{name} {len(paths):,}" for name, paths in datamodule.paths.items())
+        + f" images, {kind})"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Run artefacts from tensors and paths (never from a Trainer), so train and evaluate write the
 same files through the same code: metrics.json, predictions.csv, history.csv and PNG figures,
 plus the sweep summary (summary.csv / .md / .png) as a Hydra callback."""
+
 from __future__ import annotations
 
 import csv
@@ -16,14 +17,19 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
-import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 from torchmetrics.functional.classification import (  # noqa: E402
-    multiclass_accuracy, multiclass_auroc, multiclass_confusion_matrix, multiclass_f1_score,
-    multiclass_precision, multiclass_recall)
+    multiclass_accuracy,
+    multiclass_auroc,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
 
 from cifar_lightning.errors import one_line, to_log_files, user_facing_cause  # noqa: E402
 
@@ -68,20 +74,30 @@ def save_figure(fig, path) -> None:
 
 
 # ---------------------------------------------------------------- test metrics (torchmetrics)
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict:
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]
+) -> dict:
     """Accuracy, macro/weighted P/R/F1, one-vs-rest AUROC, confusion matrix and per-class figures."""
     n = len(class_names)
     probs = logits.float().softmax(-1)
     kw = dict(num_classes=n)
-    per = {k: fn(probs, labels, average="none", **kw) for k, fn in
-           (("precision", multiclass_precision), ("recall", multiclass_recall), ("f1", multiclass_f1_score))}
+    per = {
+        k: fn(probs, labels, average="none", **kw)
+        for k, fn in (
+            ("precision", multiclass_precision),
+            ("recall", multiclass_recall),
+            ("f1", multiclass_f1_score),
+        )
+    }
     support = torch.bincount(labels, minlength=n)
     # One-vs-rest AUROC is undefined for a class with no positives or no negatives (torchmetrics
     # reports 0 there): NaN, and the macro mean is over the classes where it is defined.
     defined = (support > 0) & (support < len(labels))
     auroc = multiclass_auroc(probs, labels, average="none", **kw).where(defined, torch.nan)
     out = {
-        "test_accuracy": multiclass_accuracy(probs, labels, average="micro", **kw).item(),  # Keras's accuracy
+        "test_accuracy": multiclass_accuracy(
+            probs, labels, average="micro", **kw
+        ).item(),  # Keras's accuracy
         "test_loss": F.cross_entropy(logits.float(), labels).item(),
         "precision_macro": multiclass_precision(probs, labels, average="macro", **kw).item(),
         "recall_macro": multiclass_recall(probs, labels, average="macro", **kw).item(),
@@ -90,20 +106,35 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_nam
         "recall_weighted": multiclass_recall(probs, labels, average="weighted", **kw).item(),
         "f1_weighted": multiclass_f1_score(probs, labels, average="weighted", **kw).item(),
         "auroc_macro": auroc[defined].mean().item() if defined.any() else math.nan,
-        "per_class": {c: {"precision": per["precision"][i].item(), "recall": per["recall"][i].item(),
-                          "f1": per["f1"][i].item(), "auroc": auroc[i].item(), "support": int(support[i])}
-                      for i, c in enumerate(class_names)},
+        "per_class": {
+            c: {
+                "precision": per["precision"][i].item(),
+                "recall": per["recall"][i].item(),
+                "f1": per["f1"][i].item(),
+                "auroc": auroc[i].item(),
+                "support": int(support[i]),
+            }
+            for i, c in enumerate(class_names)
+        },
         "confusion_matrix": multiclass_confusion_matrix(probs, labels, **kw).tolist(),
     }
     return out
 
 
-def write_predictions(path, paths: list[str], labels: torch.Tensor, logits: torch.Tensor,
-                      class_names: list[str]) -> None:
+def write_predictions(
+    path, paths: list[str], labels: torch.Tensor, logits: torch.Tensor, class_names: list[str]
+) -> None:
     probs = logits.float().softmax(-1)
     pred = probs.argmax(-1)
-    rows = [{"path": p, "label": int(y), "prediction": int(k), **{c: f"{v:.6f}" for c, v in zip(class_names, pr)}}
-            for p, y, k, pr in zip(paths, labels.tolist(), pred.tolist(), probs.tolist())]
+    rows = [
+        {
+            "path": p,
+            "label": int(y),
+            "prediction": int(k),
+            **{c: f"{v:.6f}" for c, v in zip(class_names, pr)},
+        }
+        for p, y, k, pr in zip(paths, labels.tolist(), pred.tolist(), probs.tolist())
+    ]
     write_csv(path, rows, ["path", "label", "prediction", *class_names])
 
 
@@ -111,7 +142,9 @@ def write_predictions(path, paths: list[str], labels: torch.Tensor, logits: torc
 def plot_confusion(logits, labels, class_names):
     from torchmetrics.classification import MulticlassConfusionMatrix
 
-    m = MulticlassConfusionMatrix(len(class_names), sync_on_compute=False)  # data is already gathered
+    m = MulticlassConfusionMatrix(
+        len(class_names), sync_on_compute=False
+    )  # data is already gathered
     m.update(logits.float().softmax(-1), labels)
     fig, ax = plt.subplots(figsize=(9, 8))
     m.plot(ax=ax, labels=[short_name(c) for c in class_names])
@@ -125,15 +158,22 @@ def plot_roc(logits, labels, class_names):
     m = MulticlassROC(len(class_names), sync_on_compute=False)
     m.update(logits.float().softmax(-1), labels)
     fig, ax = plt.subplots(figsize=(8, 7))
-    m.plot(score=True, ax=ax, labels=[short_name(c) for c in class_names])  # legend: class and its AUC
+    m.plot(
+        score=True, ax=ax, labels=[short_name(c) for c in class_names]
+    )  # legend: class and its AUC
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="chance")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("One-vs-rest ROC curves")
     return fig
 
 
-def plot_history(rows: list[dict], reference: list[dict] | None = None, reference_name: str = "notebook",
-                 monitor: str = "val/loss", mode: str = "min"):
+def plot_history(
+    rows: list[dict],
+    reference: list[dict] | None = None,
+    reference_name: str = "notebook",
+    monitor: str = "val/loss",
+    mode: str = "min",
+):
     """Accuracy and loss per epoch, train against validation; LR drops and the best epoch (by monitor) marked."""
     f = lambda r, k: float(r[k]) if r.get(k) not in (None, "") else math.nan  # noqa: E731
     epochs = [int(r["epoch"]) for r in rows]
@@ -141,15 +181,28 @@ def plot_history(rows: list[dict], reference: list[dict] | None = None, referenc
     for ax, what in zip(axes, ("acc", "loss")):
         ax.plot(epochs, [f(r, f"train_{what}") for r in rows], "o-", ms=3, label=f"train {what}")
         ax.plot(epochs, [f(r, f"val_{what}") for r in rows], "o-", ms=3, label=f"val {what}")
-        for ref_rows, color, style, cut_color in ([(rows, None, None, "grey")] +
-                                                 ([(reference, "C3", "s--", "C3")] if reference else [])):
+        for ref_rows, color, style, cut_color in [(rows, None, None, "grey")] + (
+            [(reference, "C3", "s--", "C3")] if reference else []
+        ):
             if ref_rows is not rows:
                 for split, c in (("train", "C0"), ("val", "C1")):
-                    pts = [(int(r["epoch"]), f(r, f"{split}_{what}")) for r in ref_rows if r.get(f"{split}_{what}") is not None]
+                    pts = [
+                        (int(r["epoch"]), f(r, f"{split}_{what}"))
+                        for r in ref_rows
+                        if r.get(f"{split}_{what}") is not None
+                    ]
                     if pts:
-                        sparse = len(pts) < len(ref_rows)  # e.g. the notebook's two known val accuracies: no line
-                        ax.plot(*zip(*pts), style[0] if sparse else style, c=c, ms=5, alpha=.7,
-                                label=f"{reference_name} {split} {what}")
+                        sparse = len(pts) < len(
+                            ref_rows
+                        )  # e.g. the notebook's two known val accuracies: no line
+                        ax.plot(
+                            *zip(*pts),
+                            style[0] if sparse else style,
+                            c=c,
+                            ms=5,
+                            alpha=0.7,
+                            label=f"{reference_name} {split} {what}",
+                        )
             lrs = [f(r, "lr") for r in ref_rows]
             for i in range(1, len(ref_rows)):
                 if lrs[i] < lrs[i - 1]:
@@ -157,7 +210,7 @@ def plot_history(rows: list[dict], reference: list[dict] | None = None, referenc
         best = best_epoch(rows, monitor, mode)
         if best:
             ax.axvline(best, c="green", ls="--", lw=1, label=f"best epoch {best}")
-        ax.set_xlabel("epoch"), ax.set_ylabel(what), ax.grid(alpha=.3)
+        ax.set_xlabel("epoch"), ax.set_ylabel(what), ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         cuts = "dotted: learning-rate cut" + (f" (red: {reference_name}'s)" if reference else "")
         ax.set_title(f"{'Accuracy' if what == 'acc' else 'Loss'} ({cuts})")
@@ -186,14 +239,17 @@ def short_name(name: str) -> str:
     return name.split("_", 1)[1] if name[:3].isdigit() and "_" in name else name
 
 
-def write_evaluation(run_dir: Path, logits, labels, paths, class_names, extra: dict | None = None,
-                     tb_writer=None) -> dict:
+def write_evaluation(
+    run_dir: Path, logits, labels, paths, class_names, extra: dict | None = None, tb_writer=None
+) -> dict:
     """metrics.json, predictions.csv, confusion_matrix.png and roc_curves.png into run_dir."""
     metrics = {**(extra or {}), **classification_metrics(logits, labels, class_names)}
     write_json(run_dir / "metrics.json", metrics)
     write_predictions(run_dir / "predictions.csv", paths, labels, logits, class_names)
-    for name, fig in (("confusion_matrix", plot_confusion(logits, labels, class_names)),
-                      ("roc_curves", plot_roc(logits, labels, class_names))):
+    for name, fig in (
+        ("confusion_matrix", plot_confusion(logits, labels, class_names)),
+        ("roc_curves", plot_roc(logits, labels, class_names)),
+    ):
         if tb_writer is not None:
             tb_writer.add_figure(f"test/{name}", fig, close=False)
         save_figure(fig, run_dir / f"{name}.png")
@@ -201,8 +257,21 @@ def write_evaluation(run_dir: Path, logits, labels, paths, class_names, extra: d
 
 
 # ---------------------------------------------------------------- sweep summary
-SUMMARY_COLUMNS = ["job", "overrides", "seed", "status", "error", "best_epoch", "best_val_loss", "best_val_acc", "test_accuracy",
-                   "f1_macro", "auroc_macro", "epochs_run", "wall_seconds"]
+SUMMARY_COLUMNS = [
+    "job",
+    "overrides",
+    "seed",
+    "status",
+    "error",
+    "best_epoch",
+    "best_val_loss",
+    "best_val_acc",
+    "test_accuracy",
+    "f1_macro",
+    "auroc_macro",
+    "epochs_run",
+    "wall_seconds",
+]
 
 
 class SweepSummary(Callback):
@@ -222,16 +291,26 @@ class SweepSummary(Callback):
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         run_dir = Path(config.hydra.runtime.output_dir)
-        row = {"job": run_dir.name, "overrides": " ".join(config.hydra.overrides.task),
-               # the recipe: what the job ran apart from its seed, so a seed sweep can be averaged
-               "recipe": recipe_of(config.hydra.overrides.task),
-               "seed": config.get("seed"), "monitor": config.get("monitor"), "monitor_mode": config.get("monitor_mode"),
-               "wall_seconds": round(time.perf_counter() - self._start.pop(str(run_dir), time.perf_counter()), 1)}
+        row = {
+            "job": run_dir.name,
+            "overrides": " ".join(config.hydra.overrides.task),
+            # the recipe: what the job ran apart from its seed, so a seed sweep can be averaged
+            "recipe": recipe_of(config.hydra.overrides.task),
+            "seed": config.get("seed"),
+            "monitor": config.get("monitor"),
+            "monitor_mode": config.get("monitor_mode"),
+            "wall_seconds": round(
+                time.perf_counter() - self._start.pop(str(run_dir), time.perf_counter()), 1
+            ),
+        }
         if job_return.status == JobStatus.COMPLETED:
             row["status"] = "completed"
         else:
             err = job_return._return_value
-            row["status"], row["error"] = "failed", " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            row["status"], row["error"] = (
+                "failed",
+                " ".join(f"{type(err).__name__}: {err}".split())[:300],
+            )
             # into this job's <job>.log while Hydra's handler for it is still open (errors.cli prints it at the end)
             to_log_files(one_line(user_facing_cause(err) or err))
         if (run_dir / "metrics.json").exists():
@@ -241,8 +320,15 @@ class SweepSummary(Callback):
         write_summary(Path(config.hydra.sweep.dir))
 
 
-SEED_STAT_COLUMNS = ["test_accuracy", "f1_macro", "auroc_macro", "best_val_loss", "best_epoch", "epochs_run",
-                     "wall_seconds"]
+SEED_STAT_COLUMNS = [
+    "test_accuracy",
+    "f1_macro",
+    "auroc_macro",
+    "best_val_loss",
+    "best_epoch",
+    "epochs_run",
+    "wall_seconds",
+]
 
 
 def recipe_of(overrides) -> str:
@@ -296,7 +382,9 @@ def sort_by_monitor(rows: list[dict]) -> None:
 def write_summary(sweep_dir: Path) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary_row.json"))]
     sort_by_monitor(rows)
-    stats = seed_stats(rows)  # also names the recipe and seed of rows written before rows recorded them
+    stats = seed_stats(
+        rows
+    )  # also names the recipe and seed of rows written before rows recorded them
     write_csv(sweep_dir / "summary.csv", rows, SUMMARY_COLUMNS)
 
     def fmt(key, v):
@@ -307,22 +395,46 @@ def write_summary(sweep_dir: Path) -> list[dict]:
     md = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
     md += ["| " + " | ".join(fmt(c, r.get(c)) for c in SUMMARY_COLUMNS) + " |" for r in rows]
     if stats:
-        write_csv(sweep_dir / "seeds.csv", stats, ["recipe", "seeds"] + [c for k in SEED_STAT_COLUMNS
-                                                                         for c in (k, f"{k}_std")])
-        md += ["", "Mean ± std (sample, n-1) over seeds: the jobs that finished, grouped by their overrides apart from `seed=`.",
-               "", "| recipe | seeds | " + " | ".join(SEED_STAT_COLUMNS) + " |", "|" + "---|" * (2 + len(SEED_STAT_COLUMNS))]
-        md += ["| " + " | ".join([r["recipe"].replace("|", "\\|"), r["seeds"]]
-                                 + [fmt_mean_std(k, r.get(k), r.get(f"{k}_std")) for k in SEED_STAT_COLUMNS]) + " |"
-               for r in stats]
+        write_csv(
+            sweep_dir / "seeds.csv",
+            stats,
+            ["recipe", "seeds"] + [c for k in SEED_STAT_COLUMNS for c in (k, f"{k}_std")],
+        )
+        md += [
+            "",
+            "Mean ± std (sample, n-1) over seeds: the jobs that finished, grouped by their overrides apart from `seed=`.",
+            "",
+            "| recipe | seeds | " + " | ".join(SEED_STAT_COLUMNS) + " |",
+            "|" + "---|" * (2 + len(SEED_STAT_COLUMNS)),
+        ]
+        md += [
+            "| "
+            + " | ".join(
+                [r["recipe"].replace("|", "\\|"), r["seeds"]]
+                + [fmt_mean_std(k, r.get(k), r.get(f"{k}_std")) for k in SEED_STAT_COLUMNS]
+            )
+            + " |"
+            for r in stats
+        ]
     _atomic_write(sweep_dir / "summary.md", ("\n".join(md) + "\n").encode())
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         hist = sweep_dir / r["job"] / "history.csv"
         if hist.exists():
             h = read_csv(hist)
-            ax.plot([int(x["epoch"]) for x in h], [float(x["val_acc"]) for x in h], "o-", ms=3,
-                    label=f"{r['job']}: {r['overrides'] or '(defaults)'}")
-    ax.set_xlabel("epoch"), ax.set_ylabel("val acc"), ax.grid(alpha=.3), ax.set_title("Validation accuracy per job")
+            ax.plot(
+                [int(x["epoch"]) for x in h],
+                [float(x["val_acc"]) for x in h],
+                "o-",
+                ms=3,
+                label=f"{r['job']}: {r['overrides'] or '(defaults)'}",
+            )
+    (
+        ax.set_xlabel("epoch"),
+        ax.set_ylabel("val acc"),
+        ax.grid(alpha=0.3),
+        ax.set_title("Validation accuracy per job"),
+    )
     if ax.lines:
         ax.legend(fontsize=8)
     save_figure(fig, sweep_dir / "summary.png")

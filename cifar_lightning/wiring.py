@@ -1,6 +1,7 @@
 """What more than one entry point builds, so that entry points stay leaves that never import each
 other: train, prepare and bench build the datamodule (and train and bench the logger and callbacks)
 from the same config; evaluate and predict share their options, the device and batched inference."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,11 +19,22 @@ from cifar_lightning.errors import UserError
 
 def build_datamodule(cfg: DictConfig) -> CifarDataModule:
     d = cfg.data
-    return CifarDataModule(root=d.root, source=str(d.source), train_dirs=list(d.train_dirs), val_dir=d.val_dir,
-                           test_dir=d.test_dir, batch_size=d.batch_size, image_size=d.image_size, cache=d.cache,
-                           num_workers=d.num_workers, skip_bad_files=d.skip_bad_files,
-                           batching=cfg.fidelity.batching, resize=cfg.fidelity.resize, seed=cfg.seed,
-                           eval_batch_size=d.eval_batch_size)
+    return CifarDataModule(
+        root=d.root,
+        source=str(d.source),
+        train_dirs=list(d.train_dirs),
+        val_dir=d.val_dir,
+        test_dir=d.test_dir,
+        batch_size=d.batch_size,
+        image_size=d.image_size,
+        cache=d.cache,
+        num_workers=d.num_workers,
+        skip_bad_files=d.skip_bad_files,
+        batching=cfg.fidelity.batching,
+        resize=cfg.fidelity.resize,
+        seed=cfg.seed,
+        eval_batch_size=d.eval_batch_size,
+    )
 
 
 def build_logger_and_callbacks(cfg: DictConfig) -> tuple:
@@ -31,8 +43,11 @@ def build_logger_and_callbacks(cfg: DictConfig) -> tuple:
     write into cfg.run_dir."""
     run_dir = Path(cfg.run_dir)
     logger = instantiate(cfg.logger, "logger") if cfg.logger.get("_target_") else False
-    callbacks = [instantiate(c, f"callbacks.{k}") for k, c in cfg.callbacks.items()
-                 if c is not None and (logger or k != "lr_monitor")]
+    callbacks = [
+        instantiate(c, f"callbacks.{k}")
+        for k, c in cfg.callbacks.items()
+        if c is not None and (logger or k != "lr_monitor")
+    ]
     return logger, callbacks + [History(run_dir / "history.csv"), RandomState()]
 
 
@@ -48,8 +63,12 @@ def build_profiler(cfg: DictConfig):
 
 
 # evaluate's and predict's own values, checked before the checkpoint loads
-INFERENCE_RULES = {"batch_size": whole(1), "top_k": whole(1), "device": one_of("auto", "cpu", "cuda"),
-                   "resize": one_of(*RESIZES)}
+INFERENCE_RULES = {
+    "batch_size": whole(1),
+    "top_k": whole(1),
+    "device": one_of("auto", "cpu", "cuda"),
+    "resize": one_of(*RESIZES),
+}
 
 
 def pick_device(name: str) -> torch.device:
@@ -61,7 +80,13 @@ def pick_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def predict_logits(net, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+def predict_logits(
+    net, images: torch.Tensor, batch_size: int, device: torch.device
+) -> torch.Tensor:
     net = net.to(device)
-    return torch.cat([net(images[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [
+            net(images[i : i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
+    )

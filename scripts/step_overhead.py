@@ -17,6 +17,7 @@ Times, in one run and interleaved over --rounds, ms per training step of:
           step when the step is one CUDA graph replay (what bounds a graphed step's rate on a GPU)
 Synthetic uint8 data; same network and optimizer (conf defaults) everywhere; each fit ends with one
 untimed validation batch."""
+
 from __future__ import annotations
 
 import argparse
@@ -54,6 +55,7 @@ class NoopGraph:
 
 class FreeReplays(Classifier):
     """model.cuda_graph's path with the replay made free, on any device."""
+
     graph_type = NoopGraph
 
     def cuda_graph_blocker(self):
@@ -66,7 +68,9 @@ class PerStepLogging(Classifier):
     def training_step(self, batch, batch_idx):
         super().training_step(batch, batch_idx)
         means = self.train_sums / self.train_images
-        self.log("train/step_loss", means[0], on_step=False, on_epoch=True, batch_size=len(batch[1]))
+        self.log(
+            "train/step_loss", means[0], on_step=False, on_epoch=True, batch_size=len(batch[1])
+        )
         self.log("train/step_acc", means[1], on_step=False, on_epoch=True, batch_size=len(batch[1]))
 
 
@@ -76,7 +80,9 @@ def plain(model_cfg, optim_cfg, x, y, batches, size, device):
 
     def run(bs):
         for idx in bs:
-            loss = F.cross_entropy(net(x[idx].contiguous(memory_format=torch.channels_last)), y[idx])
+            loss = F.cross_entropy(
+                net(x[idx].contiguous(memory_format=torch.channels_last)), y[idx]
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -89,13 +95,21 @@ def plain(model_cfg, optim_cfg, x, y, batches, size, device):
 
 def lightning(cls, model_cfg, optim_cfg, x, y, batch, size, device, profiler=None, train_cfg=None):
     """ms per training step of `cls` in a Trainer; with train_cfg, also train's callbacks and logger."""
-    module = cls(model=model_cfg, optim=optim_cfg, scheduler=None, class_names=[str(i) for i in range(10)],
-                 image_size=size)
+    module = cls(
+        model=model_cfg,
+        optim=optim_cfg,
+        scheduler=None,
+        class_names=[str(i) for i in range(10)],
+        image_size=size,
+    )
     sizes = [len(y)]
 
     def fit(limit, callbacks=()):
-        loader = DataLoader(TensorImages(x, y), collate_fn=_whole_batch,
-                            batch_sampler=DirectoryBatchSampler(sizes, batch, "per_directory", 0))
+        loader = DataLoader(
+            TensorImages(x, y),
+            collate_fn=_whole_batch,
+            batch_sampler=DirectoryBatchSampler(sizes, batch, "per_directory", 0),
+        )
         options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False)
         with tempfile.TemporaryDirectory() as tmp:
             if train_cfg is not None:  # checkpoints, logs and history.csv go to tmp
@@ -104,26 +118,42 @@ def lightning(cls, model_cfg, optim_cfg, x, y, batch, size, device, profiler=Non
                 logger, configured = build_logger_and_callbacks(run_cfg)
                 options, callbacks = dict(logger=logger), [*configured, *callbacks]
             # one validation batch, untimed: the checkpoint and early stopping need val/loss
-            L.Trainer(accelerator=device.type, devices=1, max_epochs=1, enable_model_summary=False,
-                      limit_train_batches=limit, limit_val_batches=1, num_sanity_val_steps=0,
-                      callbacks=list(callbacks), **options).fit(module, loader, loader)
+            L.Trainer(
+                accelerator=device.type,
+                devices=1,
+                max_epochs=1,
+                enable_model_summary=False,
+                limit_train_batches=limit,
+                limit_val_batches=1,
+                num_sanity_val_steps=0,
+                callbacks=list(callbacks),
+                **options,
+            ).fit(module, loader, loader)
 
     fit(20)  # warm-up
     timer = EpochTimer()
     (profiler.runcall if profiler else lambda f, *a, **k: f(*a, **k))(fit, None, [timer])
-    return (timer.t1 - timer.t0) * 1e3 / (len(y) // batch)  # t1: the training steps end, validation starts
+    return (
+        (timer.t1 - timer.t0) * 1e3 / (len(y) // batch)
+    )  # t1: the training steps end, validation starts
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=int, default=8, help="image side in pixels (8: compute negligible)")
+    ap.add_argument(
+        "--size", type=int, default=8, help="image side in pixels (8: compute negligible)"
+    )
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--sync-debug", action="store_true", help="CUDA: list where an epoch of (c) syncs host and GPU")
+    ap.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="CUDA: list where an epoch of (c) syncs host and GPU",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # per-Trainer banners
@@ -135,23 +165,48 @@ def main():
     n = args.steps * args.batch
     x = torch.randint(0, 256, (n, 3, args.size, args.size), dtype=torch.uint8, device=device)
     y = torch.randint(0, 10, (n,), device=device)
-    batches = [torch.tensor(b, device=device) for b in DirectoryBatchSampler([n], args.batch, "per_directory", 0).batches()]
+    batches = [
+        torch.tensor(b, device=device)
+        for b in DirectoryBatchSampler([n], args.batch, "per_directory", 0).batches()
+    ]
     times = {"a": [], "c": [], "c+cb": [], "c-log": [], "graph0": []}
     for _ in range(args.rounds):  # interleaved, so a slow spell on a shared machine hits them all
         times["a"].append(plain(model_cfg, optim_cfg, x, y, batches, args.size, device))
-        times["c"].append(lightning(Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device))
-        times["c+cb"].append(lightning(Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device,
-                                       train_cfg=cfg))
-        times["c-log"].append(lightning(PerStepLogging, model_cfg, optim_cfg, x, y, args.batch, args.size, device))
-        times["graph0"].append(lightning(FreeReplays, {**model_cfg, "cuda_graph": True}, optim_cfg, x, y, args.batch,
-                                         args.size, device, train_cfg=cfg))
+        times["c"].append(
+            lightning(Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device)
+        )
+        times["c+cb"].append(
+            lightning(
+                Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device, train_cfg=cfg
+            )
+        )
+        times["c-log"].append(
+            lightning(PerStepLogging, model_cfg, optim_cfg, x, y, args.batch, args.size, device)
+        )
+        times["graph0"].append(
+            lightning(
+                FreeReplays,
+                {**model_cfg, "cuda_graph": True},
+                optim_cfg,
+                x,
+                y,
+                args.batch,
+                args.size,
+                device,
+                train_cfg=cfg,
+            )
+        )
     a = statistics.median(times["a"])
-    print(f"\n{args.size}x{args.size} images, batch {args.batch}, {args.steps} steps, {device}, "
-          f"{torch.get_num_threads()} thread(s); median of {args.rounds} interleaved rounds")
+    print(
+        f"\n{args.size}x{args.size} images, batch {args.batch}, {args.steps} steps, {device}, "
+        f"{torch.get_num_threads()} thread(s); median of {args.rounds} interleaved rounds"
+    )
     print(f"{'loop':6}  {'ms/step':>8}  {'over a':>8}  {'a/x':>5}   per round (ms/step)")
     for name, ts in times.items():
         m = statistics.median(ts)
-        print(f"{name:6}  {m:8.3f}  {m - a:+8.3f}  {a / m:5.2f}   " + " ".join(f"{t:.3f}" for t in ts))
+        print(
+            f"{name:6}  {m:8.3f}  {m - a:+8.3f}  {a / m:5.2f}   " + " ".join(f"{t:.3f}" for t in ts)
+        )
     if args.sync_debug and device.type == "cuda":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -160,13 +215,20 @@ def main():
                 lightning(Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        sites = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
-        print(f"\nhost-GPU syncs in a warm-up + one epoch of (c), {args.steps} steps:", sum(sites.values()))
+        sites = collections.Counter(
+            f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+        )
+        print(
+            f"\nhost-GPU syncs in a warm-up + one epoch of (c), {args.steps} steps:",
+            sum(sites.values()),
+        )
         for site, count in sites.most_common(15):
             print(f"{count:8}  {site}")
     if args.profile:
         prof = cProfile.Profile()
-        lightning(Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device, profiler=prof)
+        lightning(
+            Classifier, model_cfg, optim_cfg, x, y, args.batch, args.size, device, profiler=prof
+        )
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 

@@ -1,4 +1,5 @@
 """Tiny image folders made in tmp_path, and config composition shared by the tests."""
+
 from __future__ import annotations
 
 import os
@@ -12,12 +13,18 @@ from PIL import Image
 
 from cifar_lightning.config import compose
 
-CLASSES = [f"{i:03d}_{n}" for i, n in enumerate(
-    ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])]
+CLASSES = [
+    f"{i:03d}_{n}"
+    for i, n in enumerate(
+        ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    )
+]
 SPLITS = {"train_1": 2, "train_2": 2, "train_3": 2, "train_4": 2, "valid": 2, "test": 3}
 
 
-def write_images(folder: Path, n: int, cls: int, seed: int = 0, size: int = 32, ext: str = ".png") -> None:
+def write_images(
+    folder: Path, n: int, cls: int, seed: int = 0, size: int = 32, ext: str = ".png"
+) -> None:
     """n learnable images of class `cls`: a class-dependent brightness plus noise."""
     rng = np.random.default_rng(seed * 1000 + cls)
     folder.mkdir(parents=True, exist_ok=True)
@@ -40,15 +47,28 @@ def tiny_layout(tmp_path_factory) -> Path:
 
 
 def cfg_for(run_dir: Path, data_root: Path, *overrides: str):
-    return compose([f"run_dir={run_dir}", f"data.root={data_root}", "trainer=cpu",
-                    "callbacks.progress_bar.refresh_rate=0", *overrides])
+    return compose(
+        [
+            f"run_dir={run_dir}",
+            f"data.root={data_root}",
+            "trainer=cpu",
+            "callbacks.progress_bar.refresh_rate=0",
+            *overrides,
+        ]
+    )
 
 
 def run_cli(module: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 class RunsCode:

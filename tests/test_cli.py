@@ -1,12 +1,13 @@
 """The command lines, end to end, on tiny data made in tmp_path."""
+
 import csv
 import json
 
 import pytest
 import torch
 
-from cifar_lightning.model.checkpoint import load_net
 from cifar_lightning.errors import UserError
+from cifar_lightning.model.checkpoint import load_net
 from tests.conftest import CLASSES, RunsCode, make_layout, run_cli, write_images
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -16,52 +17,103 @@ QUICK = ["trainer=cpu", "callbacks.progress_bar.refresh_rate=0"]
 @pytest.fixture(scope="module")
 def trained(tiny_layout, tmp_path_factory):
     run = tmp_path_factory.mktemp("run") / "r"
-    res = run_cli("cifar_lightning.train", "model=s", "optim=rmsprop", f"data.root={tiny_layout}",
-                  "trainer.max_epochs=2", f"hydra.run.dir={run}", *QUICK, cwd=run.parent)
+    res = run_cli(
+        "cifar_lightning.train",
+        "model=s",
+        "optim=rmsprop",
+        f"data.root={tiny_layout}",
+        "trainer.max_epochs=2",
+        f"hydra.run.dir={run}",
+        *QUICK,
+        cwd=run.parent,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return run, res
 
 
 def test_train_writes_every_artefact(trained):
     run, res = trained
-    for name in [".hydra/config.yaml", "checkpoints/best.ckpt", "checkpoints/last.ckpt", "history.csv",
-                 "metrics.json", "predictions.csv", "training_curves.png", "confusion_matrix.png", "roc_curves.png"]:
+    for name in [
+        ".hydra/config.yaml",
+        "checkpoints/best.ckpt",
+        "checkpoints/last.ckpt",
+        "history.csv",
+        "metrics.json",
+        "predictions.csv",
+        "training_curves.png",
+        "confusion_matrix.png",
+        "roc_curves.png",
+    ]:
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     m = json.loads((run / "metrics.json").read_text())
     assert (m["trainable_params"], m["non_trainable_params"], m["epochs_run"]) == (815018, 896, 2)
-    for key in ["test_accuracy", "test_loss", "best_epoch", "train_seconds", "precision_macro", "recall_macro",
-                "f1_macro", "precision_weighted", "recall_weighted", "f1_weighted", "auroc_macro"]:
+    for key in [
+        "test_accuracy",
+        "test_loss",
+        "best_epoch",
+        "train_seconds",
+        "precision_macro",
+        "recall_macro",
+        "f1_macro",
+        "precision_weighted",
+        "recall_weighted",
+        "f1_weighted",
+        "auroc_macro",
+    ]:
         assert isinstance(m[key], (int, float)), key
     assert set(m["per_class"]) == set(CLASSES) and m["per_class"][CLASSES[0]]["support"] == 3
     with open(run / "history.csv") as f:
         hist = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in hist] == [1, 2]
-    assert set(hist[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"}
+    assert set(hist[0]) == {
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "lr",
+        "epoch_seconds",
+    }
     for r in hist:  # a metric that was never logged would be NaN here, and fail
         assert float(r["train_loss"]) > 0 and float(r["val_loss"]) > 0
         assert 0 <= float(r["train_acc"]) <= 1 and 0 <= float(r["val_acc"]) <= 1
     with open(run / "predictions.csv") as f:
         preds = list(csv.DictReader(f))
     assert len(preds) == 30 and abs(sum(float(preds[0][c]) for c in CLASSES) - 1) < 1e-4
-    assert all((run / p).read_bytes()[:8] == PNG for p in ["training_curves.png", "confusion_matrix.png", "roc_curves.png"])
+    assert all(
+        (run / p).read_bytes()[:8] == PNG
+        for p in ["training_curves.png", "confusion_matrix.png", "roc_curves.png"]
+    )
     assert "Trainable params: 815,018" in res.stdout and "Restoring best weights" in res.stdout
-    log = (run / "train.log").read_text()  # ours and Lightning's lines (checkpoint), once on the console
+    log = (
+        run / "train.log"
+    ).read_text()  # ours and Lightning's lines (checkpoint), once on the console
     assert "test accuracy" in log and "'val/loss' reached" in log and "INFO: " not in res.stderr
     ckpt = torch.load(run / "checkpoints/best.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["class_names"] == CLASSES
 
 
 def test_multirun_writes_one_directory_per_job_and_a_summary(tiny_layout, tmp_path):
-    res = run_cli("cifar_lightning.train", "-m", "optim=rmsprop,adam", f"data.root={tiny_layout}",
-                  "trainer.max_epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", *QUICK, cwd=tmp_path)
+    res = run_cli(
+        "cifar_lightning.train",
+        "-m",
+        "optim=rmsprop,adam",
+        f"data.root={tiny_layout}",
+        "trainer.max_epochs=1",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        *QUICK,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     sweep = tmp_path / "sweep"
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     for job in ("0", "1"):
         assert (sweep / job / "metrics.json").is_file()
     summary = (sweep / "summary.md").read_text()
-    assert "optim=rmsprop" in summary and "optim=adam" in summary and summary.count("completed") == 2
+    assert (
+        "optim=rmsprop" in summary and "optim=adam" in summary and summary.count("completed") == 2
+    )
     assert (sweep / "summary.png").read_bytes()[:8] == PNG
     with open(sweep / "summary.csv") as f:
         rows = list(csv.DictReader(f))
@@ -76,28 +128,48 @@ def test_prepare_builds_every_cache_so_training_starts_warm(tmp_path):
     splits = ["train_1", "train_2", "train_3", "train_4", "valid", "test"]
     assert sorted(p.name.split("-")[1] for p in root.glob(".cache-*.pt")) == sorted(splits)
     assert "caching" in res.stderr
-    res = run_cli("cifar_lightning.train", f"data.root={root}", "trainer.max_epochs=1", "logger=none",
-                  f"hydra.run.dir={tmp_path / 'run'}", *QUICK, cwd=tmp_path)
-    assert res.returncode == 0 and "caching" not in res.stderr + res.stdout  # every split came from its cache
+    res = run_cli(
+        "cifar_lightning.train",
+        f"data.root={root}",
+        "trainer.max_epochs=1",
+        "logger=none",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *QUICK,
+        cwd=tmp_path,
+    )
+    assert (
+        res.returncode == 0 and "caching" not in res.stderr + res.stdout
+    )  # every split came from its cache
     (root / "valid" / CLASSES[1] / "broken.png").write_bytes(PNG + b"torn")
     res = run_cli("cifar_lightning.prepare", f"data.root={root}", "data.cache=false", cwd=tmp_path)
     assert res.returncode != 0
     last_line = res.stderr.strip().splitlines()[-1]
-    assert last_line.startswith(f"error: {root / 'valid' / CLASSES[1] / 'broken.png'}: not a readable image")
+    assert last_line.startswith(
+        f"error: {root / 'valid' / CLASSES[1] / 'broken.png'}: not a readable image"
+    )
 
 
 def test_bad_override_is_one_error_line(tmp_path):
     res = run_cli("cifar_lightning.train", "optim=nope", cwd=tmp_path)
     assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith("error: ") and "optim/nope" in res.stderr
+    assert (
+        res.stderr.strip().count("\n") == 0
+        and res.stderr.startswith("error: ")
+        and "optim/nope" in res.stderr
+    )
 
 
 def test_run_directory_that_cannot_be_made_is_one_error_line(tiny_layout, tmp_path):
     # Hydra makes the run directory before our code runs: a path through a file (or a read-only mount,
     # a full disk) was an OSError traceback
     (tmp_path / "a_file").write_text("")
-    res = run_cli("cifar_lightning.train", f"data.root={tiny_layout}", f"hydra.run.dir={tmp_path}/a_file/run",
-                  *QUICK, cwd=tmp_path)
+    res = run_cli(
+        "cifar_lightning.train",
+        f"data.root={tiny_layout}",
+        f"hydra.run.dir={tmp_path}/a_file/run",
+        *QUICK,
+        cwd=tmp_path,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip() == f"error: [Errno 20] Not a directory: '{tmp_path}/a_file/run'"
 
@@ -111,7 +183,9 @@ def test_only_the_machines_os_errors_are_user_facing():
         wrapped = RuntimeError("wrapped")
         wrapped.__cause__ = exc  # as `raise ... from exc` inside a library
         assert user_facing_cause(exc) is exc and user_facing_cause(wrapped) is exc
-    assert user_facing_cause(FileNotFoundError(2, "No such file", "x")) is None  # ours to name, or a bug
+    assert (
+        user_facing_cause(FileNotFoundError(2, "No such file", "x")) is None
+    )  # ours to name, or a bug
     assert user_facing_cause(OSError("no errno")) is None
 
 
@@ -120,8 +194,13 @@ def test_evaluate_another_folder_matches_classes_by_name(trained, tmp_path):
     eval_dir = tmp_path / "plain_names"
     for c, name in enumerate(CLASSES):  # "airplane" against the checkpoint's "000_airplane"
         write_images(eval_dir / name.split("_", 1)[1], 2, c, seed=5)
-    res = run_cli("cifar_lightning.evaluate", f"ckpt_path={run}/checkpoints/best.ckpt", f"eval_dir={eval_dir}",
-                  f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    res = run_cli(
+        "cifar_lightning.evaluate",
+        f"ckpt_path={run}/checkpoints/best.ckpt",
+        f"eval_dir={eval_dir}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "names equal after removing the NNN_ index" in res.stdout
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -132,21 +211,37 @@ def test_evaluate_another_folder_matches_classes_by_name(trained, tmp_path):
 def test_evaluate_unreadable_image_error_is_its_own_last_line(trained, tmp_path):
     run, _ = trained
     eval_dir = make_layout(tmp_path / "d", splits={"x": 2}) / "x"
-    bad = eval_dir / CLASSES[4] / "zz.jpg"  # decoded after the other classes' files: the bar is mid-way
+    bad = (
+        eval_dir / CLASSES[4] / "zz.jpg"
+    )  # decoded after the other classes' files: the bar is mid-way
     bad.write_text("not an image")
-    res = run_cli("cifar_lightning.evaluate", f"ckpt_path={run}/checkpoints/best.ckpt", f"eval_dir={eval_dir}",
-                  f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    res = run_cli(
+        "cifar_lightning.evaluate",
+        f"ckpt_path={run}/checkpoints/best.ckpt",
+        f"eval_dir={eval_dir}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {bad}: not a readable image"), res.stderr[-1000:]
-    assert last in (tmp_path / "eval" / "evaluate.log").read_text()  # the run directory says why it failed
+    assert (
+        last in (tmp_path / "eval" / "evaluate.log").read_text()
+    )  # the run directory says why it failed
 
 
 def test_evaluate_mismatched_classes_lists_the_difference(trained, tmp_path):
     run, _ = trained
-    bad = make_layout(tmp_path / "bad", classes=CLASSES[:9] + ["009_tractor"], splits={"x": 1}) / "x"
-    res = run_cli("cifar_lightning.evaluate", f"ckpt_path={run}/checkpoints/best.ckpt", f"eval_dir={bad}",
-                  f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    bad = (
+        make_layout(tmp_path / "bad", classes=CLASSES[:9] + ["009_tractor"], splits={"x": 1}) / "x"
+    )
+    res = run_cli(
+        "cifar_lightning.evaluate",
+        f"ckpt_path={run}/checkpoints/best.ckpt",
+        f"eval_dir={bad}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().startswith("error: ") and res.stderr.strip().count("\n") == 0
     assert "only in eval_dir ['tractor'], only in checkpoint ['truck']" in res.stderr
@@ -157,13 +252,22 @@ def test_predict_skips_unreadable_files(trained, tmp_path):
     pics = tmp_path / "pics"
     write_images(pics, 3, 2, size=50, ext=".jpg")
     (pics / "broken.png").write_text("not an image")
-    res = run_cli("cifar_lightning.predict", f"ckpt_path={run}/checkpoints/best.ckpt", f"inputs={pics}",
-                  f"hydra.run.dir={tmp_path / 'pred'}", cwd=tmp_path)
+    res = run_cli(
+        "cifar_lightning.predict",
+        f"ckpt_path={run}/checkpoints/best.ckpt",
+        f"inputs={pics}",
+        f"hydra.run.dir={tmp_path / 'pred'}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "skipped" in res.stdout and "broken.png" in res.stdout
     with open(tmp_path / "pred" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 and rows[0]["prediction"] in CLASSES and float(rows[0]["p1"]) >= float(rows[0]["p2"])
+    assert (
+        len(rows) == 3
+        and rows[0]["prediction"] in CLASSES
+        and float(rows[0]["p1"]) >= float(rows[0]["p2"])
+    )
 
 
 def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
@@ -183,19 +287,31 @@ def test_hydra_experimental_rerun_is_refused_before_it_unpickles(tmp_path, monke
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED_MARKER", str(marker))
     (tmp_path / "config.pickle").write_bytes(pickle.dumps(RunsCode()))
-    for args in (["--experimental-rerun", "config.pickle"], ["--experimental-rerun=config.pickle"],
-                 ["--exp", "config.pickle"], ["--experimental-rer=config.pickle"]):  # argparse takes abbreviations
+    for args in (
+        ["--experimental-rerun", "config.pickle"],
+        ["--experimental-rerun=config.pickle"],
+        ["--exp", "config.pickle"],
+        ["--experimental-rer=config.pickle"],
+    ):  # argparse takes abbreviations
         res = run_cli(module, *args, cwd=tmp_path)
         assert res.returncode == 2 and "Traceback" not in res.stderr
-        assert res.stderr.strip().splitlines()[-1].startswith("error: --experimental-rerun is refused")
+        assert (
+            res.stderr.strip().splitlines()[-1].startswith("error: --experimental-rerun is refused")
+        )
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"hello, not a checkpoint\n", r"x.ckpt: not a checkpoint \(KeyError: 101\)$"),
-    (b"x\n", r"x.ckpt: not a checkpoint \(Unsupported operand 120\)$"),  # torch's reason, not its advice
-    (b"", r"x.ckpt: not a checkpoint \(EOFError\)$"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"hello, not a checkpoint\n", r"x.ckpt: not a checkpoint \(KeyError: 101\)$"),
+        (
+            b"x\n",
+            r"x.ckpt: not a checkpoint \(Unsupported operand 120\)$",
+        ),  # torch's reason, not its advice
+        (b"", r"x.ckpt: not a checkpoint \(EOFError\)$"),
+    ],
+)
 def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, content, message):
     (tmp_path / "x.ckpt").write_bytes(content)
     with pytest.raises(UserError, match=message):  # not "refused ... could run code"
@@ -205,46 +321,96 @@ def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, content, message):
 @pytest.mark.parametrize("pipeline", ["a", "b"])
 def test_bench_bad_optimizer_value_is_one_error_line(tiny_layout, tmp_path, pipeline):
     # (a) and (b) build the optimizer themselves, not through the Classifier
-    res = run_cli("cifar_lightning.bench", f"data.root={tiny_layout}", "trainer=cpu", f"pipelines=[{pipeline}]",
-                  "optim.lr=-1", "batch_sizes=[]", "fractions=[]", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    res = run_cli(
+        "cifar_lightning.bench",
+        f"data.root={tiny_layout}",
+        "trainer=cpu",
+        f"pipelines=[{pipeline}]",
+        "optim.lr=-1",
+        "batch_sizes=[]",
+        "fractions=[]",
+        f"hydra.run.dir={tmp_path / 'b'}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1] == "error: optim: invalid RMSprop hyperparameters lr=-1 rho=0.9 eps=1e-07"
+    assert (
+        res.stderr.strip().splitlines()[-1]
+        == "error: optim: invalid RMSprop hyperparameters lr=-1 rho=0.9 eps=1e-07"
+    )
 
 
 def test_bench_runs_every_pipeline_and_writes_json(tiny_layout, tmp_path):
-    res = run_cli("cifar_lightning.bench", f"data.root={tiny_layout}", "trainer=cpu", "max_steps=2", "warmup_steps=1",
-                  "batch_sizes=[8]", "fractions=[0.5]", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    res = run_cli(
+        "cifar_lightning.bench",
+        f"data.root={tiny_layout}",
+        "trainer=cpu",
+        "max_steps=2",
+        "warmup_steps=1",
+        "batch_sizes=[8]",
+        "fractions=[0.5]",
+        f"hydra.run.dir={tmp_path / 'b'}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert "c/a" in res.stdout and "c/b" in res.stdout
     assert [r["pipeline"] for r in out["results"]] == ["a", "b", "c"]
     assert out["ratios"]["c/a"] > 0 and out["ratios"]["c/b"] > 0
     assert all(0 < r["warmup_s"] and r["one_off_s"] < r["warmup_s"] for r in out["results"])
-    assert out["cache"]["load_s"] < out["cache"]["build_s"] + 1 and out["scaling_fraction"] and out["scaling_batch_size"]
+    assert (
+        out["cache"]["load_s"] < out["cache"]["build_s"] + 1
+        and out["scaling_fraction"]
+        and out["scaling_batch_size"]
+    )
     assert "(a) at batch 8:" in res.stdout and "(a) on 0.5 of the train set:" in res.stdout
     # (c) is timed as train runs it: with the configured callbacks and logger; their files are removed
     c = out["results"][2]
-    assert {"ModelCheckpoint", "EarlyStopping", "TQDMProgressBar", "LearningRateMonitor", "History",
-            "RandomState"} <= set(c["callbacks"]) and c["logger"] == "TensorBoardLogger"
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".hydra", "bench.json", "bench.log"]
+    assert {
+        "ModelCheckpoint",
+        "EarlyStopping",
+        "TQDMProgressBar",
+        "LearningRateMonitor",
+        "History",
+        "RandomState",
+    } <= set(c["callbacks"]) and c["logger"] == "TensorBoardLogger"
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        ".hydra",
+        "bench.json",
+        "bench.log",
+    ]
 
 
 def test_bench_interleaved_rounds_report_median_and_paired_ratios(tiny_layout, tmp_path):
-    res = run_cli("cifar_lightning.bench", f"data.root={tiny_layout}", "trainer=cpu", "pipelines=[a,c]", "rounds=3",
-                  "max_steps=2", "warmup_steps=0", "batch_sizes=[]", "fractions=[]",
-                  f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    res = run_cli(
+        "cifar_lightning.bench",
+        f"data.root={tiny_layout}",
+        "trainer=cpu",
+        "pipelines=[a,c]",
+        "rounds=3",
+        "max_steps=2",
+        "warmup_steps=0",
+        "batch_sizes=[]",
+        "fractions=[]",
+        f"hydra.run.dir={tmp_path / 'b'}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads((tmp_path / "b" / "bench.json").read_text())
     for row in out["results"]:
         times = sorted(r["epoch_s"] for r in row["rounds"])
         assert len(times) == 3 and row["epoch_s"] == times[1]  # the median round is the row
-    pairs = [c["images_per_s"] / a["images_per_s"] for a, c in zip(*(r["rounds"] for r in out["results"]))]
+    pairs = [
+        c["images_per_s"] / a["images_per_s"]
+        for a, c in zip(*(r["rounds"] for r in out["results"]))
+    ]
     assert out["ratios_per_round"]["c/a"] == pytest.approx(pairs, abs=1e-3)
     assert out["ratios"]["c/a"] == pytest.approx(sorted(pairs)[1], abs=1e-3)
     assert "per round: c/a" in res.stdout
     # progress: one line per timed epoch as it ends, in interleaved order
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("round ")]
-    assert [ln.split(":")[0].split()[:3] for ln in lines] == [["round", f"{k}/3", p] for k in (1, 2, 3) for p in "ac"]
+    assert [ln.split(":")[0].split()[:3] for ln in lines] == [
+        ["round", f"{k}/3", p] for k in (1, 2, 3) for p in "ac"
+    ]
 
 
 def test_bench_compile_payoff_arithmetic():
@@ -253,11 +419,20 @@ def test_bench_compile_payoff_arithmetic():
     def runs(*pairs):  # (one_off_s, full_epoch_s_est) per round
         return [{"one_off_s": o, "full_epoch_s_est": e} for o, e in pairs]
 
-    timed = {("a", "32-true"): runs((0.5, 50.0)), ("c", "32-true"): runs((1.0, 60.0)),
-             ("c", "32-true+compile"): runs((41.0, 56.0))}
+    timed = {
+        ("a", "32-true"): runs((0.5, 50.0)),
+        ("c", "32-true"): runs((1.0, 60.0)),
+        ("c", "32-true+compile"): runs((41.0, 56.0)),
+    }
     (p,) = compile_payoff(timed)
-    assert p == {"precision": "32-true", "one_off_s": 40.0, "saved_per_epoch_s": 4.0, "saved_per_epoch_s_per_round": [4.0],
-                 "pays_off_after_epochs": 10.0, "net_gain_30_epochs_s": 80.0}
+    assert p == {
+        "precision": "32-true",
+        "one_off_s": 40.0,
+        "saved_per_epoch_s": 4.0,
+        "saved_per_epoch_s_per_round": [4.0],
+        "pays_off_after_epochs": 10.0,
+        "net_gain_30_epochs_s": 80.0,
+    }
     timed["c", "32-true+compile"] = runs((41.0, 61.0))  # slower compiled: never pays off
     assert compile_payoff(timed)[0]["pays_off_after_epochs"] is None
     # Rounds pair up, as the ratios do: the saving is the median of the per-round differences
@@ -266,22 +441,40 @@ def test_bench_compile_payoff_arithmetic():
     timed["c", "32-true+compile"] = runs((21.0, 58.0), (0.5, 81.0), (0.4, 79.0))
     (p,) = compile_payoff(timed)
     assert p["saved_per_epoch_s_per_round"] == [2.0, -11.0, 1.0] and p["saved_per_epoch_s"] == 1.0
-    assert p["one_off_s"] == 20.0 and p["pays_off_after_epochs"] == 20.0  # the first round's compile
+    assert (
+        p["one_off_s"] == 20.0 and p["pays_off_after_epochs"] == 20.0
+    )  # the first round's compile
     timed["c", "32-true+compile"][0]["one_off_s"] = 0.2  # below eager's: noise, not a negative cost
-    assert compile_payoff(timed)[0]["one_off_s"] == 0.0 and compile_payoff(timed)[0]["pays_off_after_epochs"] == 0.0
+    assert (
+        compile_payoff(timed)[0]["one_off_s"] == 0.0
+        and compile_payoff(timed)[0]["pays_off_after_epochs"] == 0.0
+    )
     timed["c", "32-true"][0]["one_off_s"] = None  # warmup_steps=0: eager had no warm-up to measure
     assert compile_payoff(timed)[0]["one_off_s"] == 0.2
 
 
 @pytest.mark.slow  # compiles the network on the CPU: a minute or more
 def test_bench_times_eager_and_compiled_c_side_by_side(tiny_layout, tmp_path):
-    res = run_cli("cifar_lightning.bench", f"data.root={tiny_layout}", "trainer=cpu", "pipelines=[c]",
-                  "compile_c=[false,true]", "max_steps=2", "warmup_steps=1", "batch_sizes=[]", "fractions=[]",
-                  f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    res = run_cli(
+        "cifar_lightning.bench",
+        f"data.root={tiny_layout}",
+        "trainer=cpu",
+        "pipelines=[c]",
+        "compile_c=[false,true]",
+        "max_steps=2",
+        "warmup_steps=1",
+        "batch_sizes=[]",
+        "fractions=[]",
+        f"hydra.run.dir={tmp_path / 'b'}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert [r["variant"] for r in out["results"]] == ["32-true", "32-true+compile"]
-    assert "c[32-true+compile]/c[32-true]" in out["ratios"] and "torch.compile at 32-true" in res.stdout
+    assert (
+        "c[32-true+compile]/c[32-true]" in out["ratios"]
+        and "torch.compile at 32-true" in res.stdout
+    )
     assert out["compile_payoff"][0]["one_off_s"] > 0  # compiling costs time up front
 
 
@@ -312,5 +505,9 @@ def test_entry_points_are_leaves():
                 names = [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
             else:
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            found += [f"{path.name} imports {n}" for n in names if n.removeprefix("cifar_lightning.") in entry]
+            found += [
+                f"{path.name} imports {n}"
+                for n in names
+                if n.removeprefix("cifar_lightning.") in entry
+            ]
     assert not found

@@ -2,10 +2,11 @@
 calls the captured function again, so these tests check everything around the capture (warm-up, partial
 batches, re-capture when the learning rate changes, step counting, epoch sums) against eager training,
 bit for bit; the GPU test checks a real CUDA graph against eager steps."""
+
 import csv
 
-import pytest
 import lightning as L
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -26,7 +27,9 @@ class ReplayedCall:
         self.fn, self.lrs = fn, [g["lr"] for g in self.optimizer.param_groups]
 
     def replay(self):
-        assert [g["lr"] for g in self.optimizer.param_groups] == self.lrs, "a replay with a stale learning rate"
+        assert [g["lr"] for g in self.optimizer.param_groups] == self.lrs, (
+            "a replay with a stale learning rate"
+        )
         self.fn()
 
 
@@ -57,24 +60,51 @@ def test_replayed_steps_train_exactly_as_eager_steps(tiny_layout, tmp_path, monk
     # 20 images per train dir at batch 8: 8, 8, 4 per dir, so partial batches run eagerly between replays.
     # min_delta=100: no epoch after the first improves, so the plateau (patience 1) cuts the rate after
     # epoch 2, and the step is captured again in epoch 3.
-    overrides = ["trainer.max_epochs=3", "data.batch_size=8", "seed=3", "logger=none", "scheduler.patience=1",
-                 "scheduler.min_delta=100", "model.augment={flip: true, translate: 0.1}", "model.l2=0.001"]
+    overrides = [
+        "trainer.max_epochs=3",
+        "data.batch_size=8",
+        "seed=3",
+        "logger=none",
+        "scheduler.patience=1",
+        "scheduler.min_delta=100",
+        "model.augment={flip: true, translate: 0.1}",
+        "model.l2=0.001",
+    ]
     eager = train_module.train(cfg_for(tmp_path / "eager", tiny_layout, *overrides))
     monkeypatch.setattr(train_module, "Classifier", CpuGraphed)
     CpuGraphed.made.clear()
     CpuGraphed.eager_sizes.clear()
-    graphed = train_module.train(cfg_for(tmp_path / "graphed", tiny_layout, *overrides, "model.cuda_graph=true"))
+    graphed = train_module.train(
+        cfg_for(tmp_path / "graphed", tiny_layout, *overrides, "model.cuda_graph=true")
+    )
     (steps,) = CpuGraphed.made
-    assert (steps.eager_steps, steps.captures) == (3, 2)  # warm-up; epoch 1 and after the cut before epoch 3
+    assert (steps.eager_steps, steps.captures) == (
+        3,
+        2,
+    )  # warm-up; epoch 1 and after the cut before epoch 3
     # 36 steps: the warm-up's 3, then every full batch replays and every partial one (4 images) runs eagerly
     assert steps.replays + len(CpuGraphed.eager_sizes) == 3 * 12
     assert CpuGraphed.eager_sizes[3:] == [4] * (12 - CpuGraphed.eager_sizes[:3].count(4))
-    rows_e, rows_g = _history(tmp_path / "eager/history.csv"), _history(tmp_path / "graphed/history.csv")
-    assert [r["lr"] for r in rows_g] == ["0.001", "0.001", "0.0001"]  # epoch 3 trains at the cut rate
+    rows_e, rows_g = (
+        _history(tmp_path / "eager/history.csv"),
+        _history(tmp_path / "graphed/history.csv"),
+    )
+    assert [r["lr"] for r in rows_g] == [
+        "0.001",
+        "0.001",
+        "0.0001",
+    ]  # epoch 3 trains at the cut rate
     for e, g in zip(rows_e, rows_g, strict=True):
-        assert {k: e[k] for k in e if k != "epoch_seconds"} == {k: g[k] for k in g if k != "epoch_seconds"}
-    assert {k: graphed[k] for k in ("test_accuracy", "best_val_loss")} == {k: eager[k] for k in ("test_accuracy", "best_val_loss")}
-    e, g = (torch.load(tmp_path / run / "checkpoints/last.ckpt", weights_only=True) for run in ("eager", "graphed"))
+        assert {k: e[k] for k in e if k != "epoch_seconds"} == {
+            k: g[k] for k in g if k != "epoch_seconds"
+        }
+    assert {k: graphed[k] for k in ("test_accuracy", "best_val_loss")} == {
+        k: eager[k] for k in ("test_accuracy", "best_val_loss")
+    }
+    e, g = (
+        torch.load(tmp_path / run / "checkpoints/last.ckpt", weights_only=True)
+        for run in ("eager", "graphed")
+    )
     assert e["global_step"] == g["global_step"] == 3 * 12  # replays are counted as optimizer steps
     for k, v in e["state_dict"].items():
         assert torch.equal(v, g["state_dict"][k]), k
@@ -84,15 +114,31 @@ def test_graphed_step_warms_up_captures_full_batches_and_recaptures_on_a_new_rat
     calls = []
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     ReplayedCall.optimizer = opt
-    steps = GraphedStep(step=lambda x, y, backward, optimizer: calls.append(("step", x.tolist())),
-                        eager=lambda x, y: calls.append(("eager", x.tolist())), optimizer=opt, batch_size=2,
-                        warmup=1, graph_type=ReplayedCall)
+    steps = GraphedStep(
+        step=lambda x, y, backward, optimizer: calls.append(("step", x.tolist())),
+        eager=lambda x, y: calls.append(("eager", x.tolist())),
+        optimizer=opt,
+        batch_size=2,
+        warmup=1,
+        graph_type=ReplayedCall,
+    )
     batch = lambda *v: (torch.tensor(v), torch.zeros(len(v)))  # noqa: E731
-    assert [steps(*batch(1, 2)), steps(*batch(3, 4)), steps(*batch(5)), steps(*batch(6, 7))] == [False, True, False, True]
+    assert [steps(*batch(1, 2)), steps(*batch(3, 4)), steps(*batch(5)), steps(*batch(6, 7))] == [
+        False,
+        True,
+        False,
+        True,
+    ]
     opt.param_groups[0]["lr"] = 0.01
     assert steps(*batch(8, 9))
     # the replays see each batch copied into the captured inputs
-    assert calls == [("eager", [1, 2]), ("step", [3, 4]), ("eager", [5]), ("step", [6, 7]), ("step", [8, 9])]
+    assert calls == [
+        ("eager", [1, 2]),
+        ("step", [3, 4]),
+        ("eager", [5]),
+        ("step", [6, 7]),
+        ("step", [8, 9]),
+    ]
     assert (steps.eager_steps, steps.captures, steps.replays) == (1, 2, 3)
 
 
@@ -107,9 +153,15 @@ def _adam_after_one_step(device):
 def test_checkpoints_keep_the_capturable_flag_adam_had_before_the_graph(tiny_layout, tmp_path):
     opt = _adam_after_one_step("cpu")
     steps = GraphedStep(step=None, eager=None, optimizer=opt, batch_size=2)
-    assert steps.capturable_was == [False] and opt.param_groups[0]["capturable"] is False  # CPU Adam can't capture
-    module = Classifier(model=OmegaConf.to_container(cfg_for(tmp_path, tiny_layout).model, resolve=True),
-                        optim={"_target_": "torch.optim.Adam", "_partial_": True}, scheduler=None, class_names=CLASSES)
+    assert (
+        steps.capturable_was == [False] and opt.param_groups[0]["capturable"] is False
+    )  # CPU Adam can't capture
+    module = Classifier(
+        model=OmegaConf.to_container(cfg_for(tmp_path, tiny_layout).model, resolve=True),
+        optim={"_target_": "torch.optim.Adam", "_partial_": True},
+        scheduler=None,
+        class_names=CLASSES,
+    )
     module.graphed = steps
     checkpoint = {"optimizer_states": [{"param_groups": [{"lr": 1e-3, "capturable": True}]}]}
     module.on_save_checkpoint(checkpoint)
@@ -126,30 +178,59 @@ def test_adam_on_the_gpu_is_made_capturable_with_its_step_counter_on_the_device(
 
 def test_cuda_graph_on_the_cpu_trains_eagerly_and_says_why(tiny_layout, tmp_path, caplog):
     caplog.set_level("INFO", logger="cifar_lightning.model.module")
-    train_module.train(cfg_for(tmp_path, tiny_layout, "trainer.max_epochs=1", "logger=none", "test=false",
-                               "model.cuda_graph=true"))
+    train_module.train(
+        cfg_for(
+            tmp_path,
+            tiny_layout,
+            "trainer.max_epochs=1",
+            "logger=none",
+            "test=false",
+            "model.cuda_graph=true",
+        )
+    )
     assert "model.cuda_graph: eager steps, the device is cpu" in caplog.text
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a GPU: pytest tests/test_cuda_graph.py)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA (run on a GPU: pytest tests/test_cuda_graph.py)",
+)
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_a_real_cuda_graph_trains_like_eager_steps_on_the_gpu(tiny_layout, tmp_path, precision):
     # Dropout off and deterministic cuDNN: the graph and eager runs then differ only by float rounding.
     torch.backends.cudnn.deterministic = True
     try:
-        overrides = ["trainer=gpu", f"trainer.precision={precision}", "trainer.max_epochs=3", "data.batch_size=8",
-                     "logger=none", "model.dropout=0", "scheduler.patience=1", "scheduler.min_delta=100"]
-        runs = {g: train_module.train(cfg_for(tmp_path / str(g), tiny_layout, *overrides, f"model.cuda_graph={g}"))
-                for g in (False, True)}
+        overrides = [
+            "trainer=gpu",
+            f"trainer.precision={precision}",
+            "trainer.max_epochs=3",
+            "data.batch_size=8",
+            "logger=none",
+            "model.dropout=0",
+            "scheduler.patience=1",
+            "scheduler.min_delta=100",
+        ]
+        runs = {
+            g: train_module.train(
+                cfg_for(tmp_path / str(g), tiny_layout, *overrides, f"model.cuda_graph={g}")
+            )
+            for g in (False, True)
+        }
     finally:
         torch.backends.cudnn.deterministic = False
     hist = {g: _history(tmp_path / str(g) / "history.csv") for g in runs}
-    assert [r["lr"] for r in hist[True]] == [r["lr"] for r in hist[False]] == ["0.001", "0.001", "0.0001"]
+    assert (
+        [r["lr"] for r in hist[True]]
+        == [r["lr"] for r in hist[False]]
+        == ["0.001", "0.001", "0.0001"]
+    )
     tol = 1e-3 if precision == "32-true" else 3e-2
     for e, g in zip(hist[False], hist[True], strict=True):
         assert float(g["train_loss"]) == pytest.approx(float(e["train_loss"]), rel=tol)
         assert float(g["val_loss"]) == pytest.approx(float(e["val_loss"]), rel=tol)
-    ckpt = {g: torch.load(tmp_path / str(g) / "checkpoints/last.ckpt", weights_only=True) for g in runs}
+    ckpt = {
+        g: torch.load(tmp_path / str(g) / "checkpoints/last.ckpt", weights_only=True) for g in runs
+    }
     assert ckpt[True]["global_step"] == ckpt[False]["global_step"] == 3 * 12
 
 
@@ -159,9 +240,21 @@ def test_bench_reports_how_a_graphed_timed_epoch_ran(tiny_layout, tmp_path, monk
     from cifar_lightning.config import compose
 
     monkeypatch.setattr(pipelines, "Classifier", CpuGraphed)
-    cfg = compose([f"run_dir={tmp_path}", f"data.root={tiny_layout}", "trainer=cpu", "pipelines=[c]",
-                   "cuda_graph_c=[true]", "batch_sizes=[]", "fractions=[]", "warmup_steps=1", "data.batch_size=4",
-                   "callbacks.progress_bar.refresh_rate=0"], config_name="bench")
+    cfg = compose(
+        [
+            f"run_dir={tmp_path}",
+            f"data.root={tiny_layout}",
+            "trainer=cpu",
+            "pipelines=[c]",
+            "cuda_graph_c=[true]",
+            "batch_sizes=[]",
+            "fractions=[]",
+            "warmup_steps=1",
+            "data.batch_size=4",
+            "callbacks.progress_bar.refresh_rate=0",
+        ],
+        config_name="bench",
+    )
     (row,) = bench_module.bench(cfg)["results"]
     # 4 train dirs of 20 images at batch 4: 20 full batches; the timed fit warms up (3 eager steps) and
     # captures again, as every fresh fit does
@@ -193,24 +286,46 @@ def _count(*args):
 
 
 # (the module's class, an extra callback, the hook that a log line must name)
-HOOKED = {"callback class": (CpuGraphed, GradientHook, "GradientHook.on_after_backward"),
-          "lambda callback": (CpuGraphed, lambda: L.pytorch.callbacks.LambdaCallback(on_before_backward=_count),
-                              "LambdaCallback.on_before_backward"),
-          "module hook": (OptimizerStepHook, None, "OptimizerStepHook.on_before_optimizer_step"),
-          "module backward": (OwnBackward, None, "OwnBackward.backward")}
+HOOKED = {
+    "callback class": (CpuGraphed, GradientHook, "GradientHook.on_after_backward"),
+    "lambda callback": (
+        CpuGraphed,
+        lambda: L.pytorch.callbacks.LambdaCallback(on_before_backward=_count),
+        "LambdaCallback.on_before_backward",
+    ),
+    "module hook": (OptimizerStepHook, None, "OptimizerStepHook.on_before_optimizer_step"),
+    "module backward": (OwnBackward, None, "OwnBackward.backward"),
+}
 
 
 @pytest.mark.parametrize("case", HOOKED)
-def test_a_hook_that_replays_would_skip_keeps_steps_eager(case, tiny_layout, tmp_path, caplog, monkeypatch):
+def test_a_hook_that_replays_would_skip_keeps_steps_eager(
+    case, tiny_layout, tmp_path, caplog, monkeypatch
+):
     # The hook must run on every one of the 4 dirs x 3 batches of 8, which replays would skip
     module_class, callback, name = HOOKED[case]
     caplog.set_level("INFO", logger="cifar_lightning.model.module")
     monkeypatch.setattr(train_module, "Classifier", module_class)
-    monkeypatch.setattr(train_module, "build_logger_and_callbacks", lambda cfg: (
-        False, [*build_logger_and_callbacks(cfg)[1], *([callback()] if callback else [])]))
+    monkeypatch.setattr(
+        train_module,
+        "build_logger_and_callbacks",
+        lambda cfg: (
+            False,
+            [*build_logger_and_callbacks(cfg)[1], *([callback()] if callback else [])],
+        ),
+    )
     monkeypatch.setattr(GradientHook, "calls", 0)
     CpuGraphed.made = []
-    train_module.train(cfg_for(tmp_path, tiny_layout, "trainer.max_epochs=1", "logger=none", "test=false",
-                               "data.batch_size=8", "model.cuda_graph=true"))
+    train_module.train(
+        cfg_for(
+            tmp_path,
+            tiny_layout,
+            "trainer.max_epochs=1",
+            "logger=none",
+            "test=false",
+            "data.batch_size=8",
+            "model.cuda_graph=true",
+        )
+    )
     assert f"model.cuda_graph: eager steps, {name} would not run on replayed steps" in caplog.text
     assert CpuGraphed.made == [None] and GradientHook.calls == 12

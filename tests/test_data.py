@@ -20,7 +20,12 @@ def test_per_directory_batching_gives_628_steps():
     assert len(batches) == len(s) == 628
     assert sorted(i for b in batches for i in b) == list(range(40_000))
     assert all(len({i // 10_000 for i in b}) == 1 for b in batches)  # no batch mixes directories
-    assert sorted(len(b) for b in batches)[:4] == [16, 16, 16, 16]  # each directory's last batch kept
+    assert sorted(len(b) for b in batches)[:4] == [
+        16,
+        16,
+        16,
+        16,
+    ]  # each directory's last batch kept
     assert len(DirectoryBatchSampler([10_000] * 4, 64, "random").batches()) == 625
 
 
@@ -34,7 +39,9 @@ def test_batches_are_seeded_and_reshuffled_each_epoch():
 
 def test_ranks_split_every_batch():
     full = DirectoryBatchSampler([100, 50], 8, seed=0).batches()
-    parts = [DirectoryBatchSampler([100, 50], 8, seed=0, rank=r, world_size=2).batches() for r in (0, 1)]
+    parts = [
+        DirectoryBatchSampler([100, 50], 8, seed=0, rank=r, world_size=2).batches() for r in (0, 1)
+    ]
     assert len(parts[0]) == len(parts[1]) == len(full)
     assert [a + b for a, b in zip(*parts)] == full
 
@@ -47,7 +54,10 @@ def _datamodule(root, **kw):
 
 
 def test_cached_and_per_file_paths_give_identical_batches(tiny_layout):
-    cached, per_file = _datamodule(tiny_layout, batch_size=4, cache=True), _datamodule(tiny_layout, batch_size=4, cache=False)
+    cached, per_file = (
+        _datamodule(tiny_layout, batch_size=4, cache=True),
+        _datamodule(tiny_layout, batch_size=4, cache=False),
+    )
     for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
         a, b = list(getattr(cached, loader)()), list(getattr(per_file, loader)())
         assert len(a) == len(b) > 0
@@ -59,10 +69,12 @@ def test_cached_and_per_file_paths_give_identical_batches(tiny_layout):
 
 def test_per_file_batches_are_pinned_only_when_training_on_a_gpu(tiny_layout):
     from types import SimpleNamespace
+
     dm = _datamodule(tiny_layout, cache=False)
     assert not dm.train_dataloader().pin_memory
-    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), global_rank=0,
-                                 world_size=1)
+    dm.trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), global_rank=0, world_size=1
+    )
     assert all(getattr(dm, f"{role}_dataloader")().pin_memory for role in ("train", "val", "test"))
 
 
@@ -87,19 +99,27 @@ def test_resize_rule_rebuilds_the_cache_only_when_an_image_was_resized(tmp_path,
     root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"valid": 2})
     load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")
     built = []
-    monkeypatch.setattr(cache, "read_rgb", lambda p: built.append(p) or decode(p).permute(1, 2, 0).numpy())
-    load_split(KerasImageFolder(root / "valid"), 32, "pil_bilinear")  # all 32x32: same pixels, no rebuild
+    monkeypatch.setattr(
+        cache, "read_rgb", lambda p: built.append(p) or decode(p).permute(1, 2, 0).numpy()
+    )
+    load_split(
+        KerasImageFolder(root / "valid"), 32, "pil_bilinear"
+    )  # all 32x32: same pixels, no rebuild
     assert built == []
     monkeypatch.undo()
     write_images(root / "valid" / CLASSES[0], 1, 0, size=48)  # one image that must be resized
     tf = load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")[0]
     pil = load_split(KerasImageFolder(root / "valid"), 32, "pil_bilinear")[0]
-    assert not torch.equal(tf[0], pil[0]) and torch.equal(tf[1:], pil[1:])  # only the resized image differs
+    assert not torch.equal(tf[0], pil[0]) and torch.equal(
+        tf[1:], pil[1:]
+    )  # only the resized image differs
     assert len(list(root.glob(".cache-valid-*.pt"))) == 1
 
 
 def test_class_mismatch_between_splits_names_classes_and_splits(tmp_path):
-    root = make_layout(tmp_path / "d", classes=CLASSES[:3], splits={"train_1": 1, "valid": 1, "test": 1})
+    root = make_layout(
+        tmp_path / "d", classes=CLASSES[:3], splits={"train_1": 1, "valid": 1, "test": 1}
+    )
     write_images(root / "train_1" / "099_extra", 1, 0)
     dm = CifarDataModule(str(root), train_dirs=["train_1"])
     with pytest.raises(UserError, match=r"\['099_extra'\] only in train_1"):
@@ -128,7 +148,9 @@ def test_empty_class_folder_and_no_class_folders_are_errors(tmp_path):
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "RGB"])
 def test_any_mode_and_size_decodes_to_rgb_32(mode, tmp_path):
     rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).convert(mode if mode != "I;16" else "L")
+    img = Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).convert(
+        mode if mode != "I;16" else "L"
+    )
     if mode == "I;16":
         img = Image.fromarray((np.asarray(img).astype(np.uint16) * 257))  # 16-bit grey, full range
     ext = ".jpg" if mode == "CMYK" else ".png"
@@ -142,10 +164,17 @@ def test_any_mode_and_size_decodes_to_rgb_32(mode, tmp_path):
 def test_resize_is_bilinear_without_antialiasing(tmp_path):
     a = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(a).save(tmp_path / "big.png")
-    ref = torch.nn.functional.interpolate(torch.from_numpy(a).permute(2, 0, 1)[None].float(), size=(32, 32),
-                                          mode="bilinear", align_corners=False, antialias=False)[0]
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(a).permute(2, 0, 1)[None].float(),
+        size=(32, 32),
+        mode="bilinear",
+        align_corners=False,
+        antialias=False,
+    )[0]
     assert torch.equal(decode(tmp_path / "big.png"), ref.round().clamp(0, 255).to(torch.uint8))
-    assert not torch.equal(decode(tmp_path / "big.png", resize="pil_bilinear"), decode(tmp_path / "big.png"))
+    assert not torch.equal(
+        decode(tmp_path / "big.png", resize="pil_bilinear"), decode(tmp_path / "big.png")
+    )
 
 
 def test_truncated_and_fake_images_are_errors_naming_the_file(tmp_path):
@@ -168,7 +197,9 @@ def test_decompression_bomb_is_refused_quickly(tmp_path):
 
 
 def test_bad_file_found_at_setup_or_skipped(tmp_path):
-    root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"train_1": 2, "valid": 2, "test": 2})
+    root = make_layout(
+        tmp_path / "d", classes=CLASSES[:2], splits={"train_1": 2, "valid": 2, "test": 2}
+    )
     (root / "valid" / CLASSES[1] / "zz_bad.png").write_text("junk")
     for cache in (True, False):
         with pytest.raises(UserError, match=r"zz_bad.png: not a readable image"):
@@ -180,6 +211,7 @@ def test_bad_file_found_at_setup_or_skipped(tmp_path):
 
 def test_eval_batch_size_auto_is_the_train_batch_on_the_cpu_and_1024_on_a_gpu():
     from cifar_lightning.data.datamodule import eval_batch_size
+
     assert eval_batch_size("auto", 64, torch.device("cpu")) == 64
     assert eval_batch_size("auto", 64, torch.device("cuda")) == 1024
     assert eval_batch_size("auto", 2048, torch.device("cuda")) == 2048
@@ -188,11 +220,17 @@ def test_eval_batch_size_auto_is_the_train_batch_on_the_cpu_and_1024_on_a_gpu():
 
 def test_validation_and_test_loaders_use_the_eval_batch_size(tiny_layout, tmp_path):
     from cifar_lightning.wiring import build_datamodule
-    dm = build_datamodule(cfg_for(tmp_path, tiny_layout, "data.batch_size=8", "data.eval_batch_size=3"))
+
+    dm = build_datamodule(
+        cfg_for(tmp_path, tiny_layout, "data.batch_size=8", "data.eval_batch_size=3")
+    )
     dm.setup("fit")
     assert [len(b) for b in dm.val_dataloader().batch_sampler] == [3] * 6 + [2]  # 20 images
     assert len(dm.test_dataloader().batch_sampler) == 10  # 30 images
-    assert {len(b) for b in dm.train_dataloader().batch_sampler} == {8, 4}  # 20 per directory: 8, 8, 4
+    assert {len(b) for b in dm.train_dataloader().batch_sampler} == {
+        8,
+        4,
+    }  # 20 per directory: 8, 8, 4
 
 
 def test_validation_and_test_results_do_not_depend_on_the_eval_batch_size(tiny_layout, tmp_path):
@@ -202,11 +240,20 @@ def test_validation_and_test_results_do_not_depend_on_the_eval_batch_size(tiny_l
     import json
 
     from cifar_lightning.train import train
+
     runs = {}
     for size in (3, 1000):
         run = tmp_path / str(size)
-        train(cfg_for(run, tiny_layout, "trainer.max_epochs=2", "data.batch_size=8", "logger=none",
-                      f"data.eval_batch_size={size}"))
+        train(
+            cfg_for(
+                run,
+                tiny_layout,
+                "trainer.max_epochs=2",
+                "data.batch_size=8",
+                "logger=none",
+                f"data.eval_batch_size={size}",
+            )
+        )
         with open(run / "history.csv") as f:
             history = list(csv.DictReader(f))
         with open(run / "predictions.csv") as f:

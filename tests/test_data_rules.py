@@ -1,5 +1,6 @@
 """Keras data rules that the other data tests leave open: which files count, how the train
 batches are ordered, that the config reaches the datamodule, and how the cache is kept honest."""
+
 import os
 from pathlib import Path
 
@@ -24,14 +25,26 @@ def test_keras_extensions_case_insensitive_and_recursive(tmp_path):
     cls = tmp_path / "split" / CLASSES[0]
     (cls / "sub" / "deeper").mkdir(parents=True)
     rgb = Image.fromarray(np.full((32, 32, 3), 90, np.uint8))
-    for name, fmt in [("a.BMP", "BMP"), ("b.gif", "GIF"), ("c.JPEG", "JPEG"), ("x.GIF", "GIF"), ("y.JPG", "JPEG"),
-                      ("z.Png", "PNG"), ("sub/w.png", "PNG"), ("sub/deeper/v.jpg", "JPEG"),
-                      ("t.tiff", "TIFF"), ("u.webp", "WEBP"), ("sub/s.ppm", "PPM")]:
+    for name, fmt in [
+        ("a.BMP", "BMP"),
+        ("b.gif", "GIF"),
+        ("c.JPEG", "JPEG"),
+        ("x.GIF", "GIF"),
+        ("y.JPG", "JPEG"),
+        ("z.Png", "PNG"),
+        ("sub/w.png", "PNG"),
+        ("sub/deeper/v.jpg", "JPEG"),
+        ("t.tiff", "TIFF"),
+        ("u.webp", "WEBP"),
+        ("sub/s.ppm", "PPM"),
+    ]:
         rgb.save(cls / name, format=fmt)
     (cls / "notes.txt").write_text("not an image")
     ds = KerasImageFolder(tmp_path / "split")
     got = sorted(Path(p).relative_to(cls).as_posix() for p, _ in ds.samples)
-    assert got == sorted(["a.BMP", "b.gif", "c.JPEG", "x.GIF", "y.JPG", "z.Png", "sub/w.png", "sub/deeper/v.jpg"])
+    assert got == sorted(
+        ["a.BMP", "b.gif", "c.JPEG", "x.GIF", "y.JPG", "z.Png", "sub/w.png", "sub/deeper/v.jpg"]
+    )
     assert all(ds[i][0].shape == (3, 32, 32) for i in range(len(ds)))  # each one also decodes
 
 
@@ -56,7 +69,9 @@ def test_files_are_shuffled_inside_each_directory(seed):
     batches = DirectoryBatchSampler([100] * 4, 8, seed=seed).batches()
     runs = sum(b == list(range(b[0], b[0] + len(b))) for b in batches)
     assert runs < len(batches) // 4
-    assert sum(sorted(b) == list(range(min(b), min(b) + len(b))) for b in batches) < len(batches) // 4
+    assert (
+        sum(sorted(b) == list(range(min(b), min(b) + len(b))) for b in batches) < len(batches) // 4
+    )
 
 
 def _train_batches(cfg):
@@ -80,17 +95,28 @@ def test_configured_batching_reaches_the_train_loader(tiny_layout, tmp_path):
     assert steps == 4 * -(-n // 8) == 12
     assert sizes == [4] * 4 + [8] * 8
     assert all(len(d) == 1 for d in dirs)
-    steps, dirs, sizes = _train_batches(cfg_for(tmp_path, tiny_layout, "data.batch_size=8", "fidelity=torch"))
+    steps, dirs, sizes = _train_batches(
+        cfg_for(tmp_path, tiny_layout, "data.batch_size=8", "fidelity=torch")
+    )
     assert steps == -(-4 * n // 8) == 10 and sizes == [8] * 10
     assert any(len(d) > 1 for d in dirs)
-    steps, _, _ = _train_batches(cfg_for(tmp_path, tiny_layout, "data.batch_size=8", "fidelity=torch",
-                                         "fidelity.batching=per_directory"))
+    steps, _, _ = _train_batches(
+        cfg_for(
+            tmp_path,
+            tiny_layout,
+            "data.batch_size=8",
+            "fidelity=torch",
+            "fidelity.batching=per_directory",
+        )
+    )
     assert steps == 12  # the single key wins over the preset
 
 
 def _counting_decoder(monkeypatch):
     built = []
-    monkeypatch.setattr(cache, "read_rgb", lambda p: built.append(p) or decode(p).permute(1, 2, 0).numpy())
+    monkeypatch.setattr(
+        cache, "read_rgb", lambda p: built.append(p) or decode(p).permute(1, 2, 0).numpy()
+    )
     return built
 
 
@@ -139,11 +165,16 @@ def test_failed_cache_write_keeps_the_old_cache_and_no_temp_file(tmp_path, monke
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", torn_save)
-    with pytest.warns(UserWarning, match=rf"{old.name}: cache not saved \(No space left on device\); the next run "
-                                         "decodes valid again"):
+    with pytest.warns(
+        UserWarning,
+        match=rf"{old.name}: cache not saved \(No space left on device\); the next run "
+        "decodes valid again",
+    ):
         resized, _, _ = load_split(KerasImageFolder(root / "valid"), 32, "pil_bilinear")
     monkeypatch.undo()
-    assert sorted(p.name for p in root.iterdir()) == sorted([old.name, "valid"])  # no temp file left
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [old.name, "valid"]
+    )  # no temp file left
     assert old.read_bytes() == before
     assert torch.equal(torch.load(old, weights_only=True)["images"], images)
     assert torch.equal(resized, load_split(KerasImageFolder(root / "valid"), 32, "pil_bilinear")[0])
@@ -161,10 +192,17 @@ def test_read_only_data_folder_trains_from_the_decoded_images(tmp_path, monkeypa
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(cache.tempfile, "mkstemp", read_only)
-    with pytest.warns(UserWarning, match=r"cache not saved \(Permission denied\).*make .* writable, or set "
-                                         r"data.cache=false"):
+    with pytest.warns(
+        UserWarning,
+        match=r"cache not saved \(Permission denied\).*make .* writable, or set "
+        r"data.cache=false",
+    ):
         got = load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")
-    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]) and got[2] == expected[2]
+    assert (
+        torch.equal(got[0], expected[0])
+        and torch.equal(got[1], expected[1])
+        and got[2] == expected[2]
+    )
     assert not list(root.glob(".cache-*"))
 
 

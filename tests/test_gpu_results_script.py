@@ -1,4 +1,5 @@
 """scripts/gpu_results.sh, tried small on the CPU: the script a lent GPU's one call runs."""
+
 from __future__ import annotations
 
 import os
@@ -15,17 +16,34 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_a_step_over_its_limit_is_killed_and_the_snapshot_keeps_what_was_done(tiny_layout, tmp_path):
+def test_a_step_over_its_limit_is_killed_and_the_snapshot_keeps_what_was_done(
+    tiny_layout, tmp_path
+):
     data, out, snapshot = tmp_path / "cifar10", tmp_path / "gpu", tmp_path / "back" / "gpu.tgz"
     shutil.copytree(tiny_layout, data)
     snapshot.parent.mkdir()
-    never_stops = (f"data.root={data} trainer.max_epochs=100000 callbacks.early_stopping.patience=100000 "
-                   "callbacks.progress_bar.refresh_rate=0")
-    env = {**os.environ, "PYTHON": sys.executable, "TRAINER": "cpu", "STEP_LIMIT_S": "40",
-           "SNAPSHOT": str(snapshot), "EXTRA": never_stops, "PYTHONWARNINGS": "ignore"}
+    never_stops = (
+        f"data.root={data} trainer.max_epochs=100000 callbacks.early_stopping.patience=100000 "
+        "callbacks.progress_bar.refresh_rate=0"
+    )
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "TRAINER": "cpu",
+        "STEP_LIMIT_S": "40",
+        "SNAPSHOT": str(snapshot),
+        "EXTRA": never_stops,
+        "PYTHONWARNINGS": "ignore",
+    }
     start = time.monotonic()
-    r = subprocess.run(["bash", "scripts/gpu_results.sh", "download", str(out), "recipe"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        ["bash", "scripts/gpu_results.sh", "download", str(out), "recipe"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     took = time.monotonic() - start
 
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
@@ -36,10 +54,16 @@ def test_a_step_over_its_limit_is_killed_and_the_snapshot_keeps_what_was_done(ti
         recipe_log = tar.extractfile("gpu/recipe.log").read().decode()
         monitor_log = tar.extractfile("gpu/monitor.log").read().decode()
     assert {"device.txt", "prepare.log", "recipe.log", "monitor.log"} <= names
-    assert not any(n.endswith(".ckpt") for n in names)  # checkpoints stay behind: the snapshot is for reading
+    assert not any(
+        n.endswith(".ckpt") for n in names
+    )  # checkpoints stay behind: the snapshot is for reading
     assert "killed after STEP_LIMIT_S=40 s" in recipe_log
-    assert "Epoch" in recipe_log  # training had started: the limit cut a running step, not a crashed one
-    assert "whole default recipe:" not in recipe_log  # no wall time for a recipe that never finished
+    assert (
+        "Epoch" in recipe_log
+    )  # training had started: the limit cut a running step, not a crashed one
+    assert (
+        "whole default recipe:" not in recipe_log
+    )  # no wall time for a recipe that never finished
     assert "host_used_MiB=" in monitor_log
 
 
@@ -49,8 +73,14 @@ def test_a_killed_step_without_a_step_limit_is_logged_and_the_script_goes_on(tmp
     fake_python.write_text("#!/bin/sh\nexit 137\n")
     fake_python.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "STEP_LIMIT_S"}
-    r = subprocess.run(["bash", "scripts/gpu_results.sh", "download", str(tmp_path / "gpu"), "recipe"], cwd=ROOT,
-                       env={**env, "PYTHON": str(fake_python)}, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["bash", "scripts/gpu_results.sh", "download", str(tmp_path / "gpu"), "recipe"],
+        cwd=ROOT,
+        env={**env, "PYTHON": str(fake_python)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1
     assert "unbound variable" not in r.stderr
     assert "** device failed" in r.stdout and "killed after" not in r.stdout

@@ -1,5 +1,6 @@
 """Details of the LightningModule, augmentation, callbacks, checkpoint loading and the evaluate/predict
 helpers that the other tests leave open: which stage each option applies to, and the exact sums."""
+
 import csv
 import json
 import math
@@ -16,9 +17,9 @@ from cifar_lightning.callbacks import History, InterruptCheckpoint
 from cifar_lightning.config import compose
 from cifar_lightning.errors import UserError
 from cifar_lightning.evaluate import match_classes
-from cifar_lightning.wiring import pick_device
 from cifar_lightning.model.checkpoint import load_net
 from cifar_lightning.model.module import Classifier
+from cifar_lightning.wiring import pick_device
 from tests.conftest import CLASSES, cfg_for, write_images
 
 FAST = ["logger=none", "callbacks.progress_bar.refresh_rate=0", "trainer=cpu"]
@@ -27,8 +28,12 @@ FAST = ["logger=none", "callbacks.progress_bar.refresh_rate=0", "trainer=cpu"]
 def _classifier(tmp_path, **model):
     cfg = cfg_for(tmp_path, tmp_path)
     torch.manual_seed(0)
-    module = Classifier(model={**OmegaConf.to_container(cfg.model, resolve=True), **model},
-                        optim=OmegaConf.to_container(cfg.optim, resolve=True), scheduler=None, class_names=CLASSES)
+    module = Classifier(
+        model={**OmegaConf.to_container(cfg.model, resolve=True), **model},
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        scheduler=None,
+        class_names=CLASSES,
+    )
     return module
 
 
@@ -41,7 +46,9 @@ def _one_step(module, x, y):
 
 def _batch(n=6):
     g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(n) % 10
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(
+        n
+    ) % 10
 
 
 class _Spy(nn.Module):
@@ -68,7 +75,9 @@ def test_augmentation_runs_in_training_only(tmp_path):
     assert spy.seen == []
     module.train()
     _one_step(module, x, y)
-    assert len(spy.seen) == 1 and torch.equal(spy.seen[0], x)  # the check can fail: training does augment
+    assert len(spy.seen) == 1 and torch.equal(
+        spy.seen[0], x
+    )  # the check can fail: training does augment
 
 
 def test_label_smoothing_applies_to_the_training_loss_only(tmp_path):
@@ -79,13 +88,17 @@ def test_label_smoothing_applies_to_the_training_loss_only(tmp_path):
     x, y = _batch()
     module.train()
     loss, logits = module.train_loss_and_logits(x, y)
-    assert loss.item() == pytest.approx(F.cross_entropy(logits, y, label_smoothing=0.3).item(), rel=1e-6)
+    assert loss.item() == pytest.approx(
+        F.cross_entropy(logits, y, label_smoothing=0.3).item(), rel=1e-6
+    )
     module.eval()
     with torch.no_grad():
         module.validation_step((x, y), 0)
         plain = F.cross_entropy(module(x), y).item()
     assert module.val_loss.compute().item() == pytest.approx(plain, rel=1e-6)
-    assert abs(plain - F.cross_entropy(module(x), y, label_smoothing=0.3).item()) > 0.01  # smoothing would show
+    assert (
+        abs(plain - F.cross_entropy(module(x), y, label_smoothing=0.3).item()) > 0.01
+    )  # smoothing would show
 
 
 def test_l2_sums_kernels_only_and_is_part_of_the_reported_train_loss(tmp_path):
@@ -93,7 +106,9 @@ def test_l2_sums_kernels_only_and_is_part_of_the_reported_train_loss(tmp_path):
     # are not regularized. The penalty is in the loss Keras reports, so in train/loss as well.
     l2 = 0.01
     module = _classifier(tmp_path, l2=l2)
-    with torch.no_grad():  # non-zero biases (Keras init leaves them 0), so that counting them would show
+    with (
+        torch.no_grad()
+    ):  # non-zero biases (Keras init leaves them 0), so that counting them would show
         for m in module.net.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.bias.fill_(0.1)
@@ -109,8 +124,12 @@ def test_l2_sums_kernels_only_and_is_part_of_the_reported_train_loss(tmp_path):
     ce = F.cross_entropy(logits, y).item()
     loss, _ = module.train_loss_and_logits(x, y)
     assert loss.item() == pytest.approx(ce + penalty, rel=1e-5)
-    loss_sum, correct = _one_step(module, x, y)  # lr 0: the weights stay, the reported loss is this one
-    assert loss_sum / len(y) == pytest.approx(ce + penalty, rel=1e-5)  # the sum of loss x images, per image
+    loss_sum, correct = _one_step(
+        module, x, y
+    )  # lr 0: the weights stay, the reported loss is this one
+    assert loss_sum / len(y) == pytest.approx(
+        ce + penalty, rel=1e-5
+    )  # the sum of loss x images, per image
     assert correct == (logits.argmax(1) == y).sum().item()
 
 
@@ -128,8 +147,12 @@ def test_tta_flip_averages_probabilities_not_logits(tmp_path):
     expected = (a.softmax(-1) + b.softmax(-1)) / 2
     logits = module.test_outputs[0][0]
     assert torch.allclose(logits.softmax(-1), expected, atol=1e-6)
-    assert module.val_loss.compute().item() == pytest.approx(F.nll_loss(expected.log(), y).item(), rel=1e-5)
-    assert (((a + b) / 2).softmax(-1) - expected).abs().max() > 1e-3  # the logit average is distinguishable
+    assert module.val_loss.compute().item() == pytest.approx(
+        F.nll_loss(expected.log(), y).item(), rel=1e-5
+    )
+    assert (
+        ((a + b) / 2).softmax(-1) - expected
+    ).abs().max() > 1e-3  # the logit average is distinguishable
 
 
 def test_lightnings_hook_name_skips_nn_module_setattr_and_the_rest_does_not(tmp_path, monkeypatch):
@@ -137,11 +160,15 @@ def test_lightnings_hook_name_skips_nn_module_setattr_and_the_rest_does_not(tmp_
     # Buffer checks). Every other attribute still goes through nn.Module, so submodules register.
     module, extra = _classifier(tmp_path), nn.Linear(2, 2)
     seen, module_setattr = [], nn.Module.__setattr__
-    monkeypatch.setattr(nn.Module, "__setattr__", lambda self, k, v: seen.append(k) or module_setattr(self, k, v))
+    monkeypatch.setattr(
+        nn.Module, "__setattr__", lambda self, k, v: seen.append(k) or module_setattr(self, k, v)
+    )
     module._current_fx_name = "training_step"
     assert module._current_fx_name == "training_step" and seen == []
     module.extra = extra
-    assert seen == ["extra"] and "extra" in module._modules and "extra.weight" in module.state_dict()
+    assert (
+        seen == ["extra"] and "extra" in module._modules and "extra.weight" in module.state_dict()
+    )
 
 
 # ---------------------------------------------------------------- Augment's ranges
@@ -152,10 +179,15 @@ def test_augment_ranges_reach_keras_bounds(monkeypatch):
     import cifar_lightning.model.augment as augment
 
     thetas, affine_grid = [], F.affine_grid
-    monkeypatch.setattr(augment.F, "affine_grid",
-                        lambda theta, *a, **k: thetas.append(theta) or affine_grid(theta, *a, **k))
+    monkeypatch.setattr(
+        augment.F,
+        "affine_grid",
+        lambda theta, *a, **k: thetas.append(theta) or affine_grid(theta, *a, **k),
+    )
     torch.manual_seed(0)
-    augment.Augment(flip=False, rotation_deg=10, zoom=0.1, translate=0.1)(torch.zeros(4000, 1, 4, 4))
+    augment.Augment(flip=False, rotation_deg=10, zoom=0.1, translate=0.1)(
+        torch.zeros(4000, 1, 4, 4)
+    )
     (theta,) = thetas
     a, c = theta[:, 0, 0], theta[:, 1, 0]
     scale, angle = torch.hypot(a, c), torch.atan2(c, a)
@@ -172,7 +204,9 @@ def test_augment_samples_the_same_pixels_under_bf16_autocast():
     # (a bf16 grid moves sampling positions by up to ~1/256 of the image, a visible shift of edges).
     import cifar_lightning.model.augment as augment
 
-    x = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    x = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(1)).to(
+        torch.uint8
+    )
     warp = augment.Augment(flip=True, rotation_deg=10, zoom=0.1, translate=0.1)
     torch.manual_seed(0)
     fp32 = warp(x)
@@ -192,10 +226,14 @@ def _ckpt(module, path):
 def test_checkpoint_of_a_compiled_model_loads_with_the_same_outputs(tmp_path):
     # torch.compile wraps the network: its keys read net._orig_mod.*; load_net must still fit the plain net.
     module = _classifier(tmp_path, compile=True)
-    assert any("._orig_mod." in k for k in module.state_dict())  # constructing it is enough; nothing compiles
+    assert any(
+        "._orig_mod." in k for k in module.state_dict()
+    )  # constructing it is enough; nothing compiles
     net, names, _ = load_net(_ckpt(module, tmp_path / "compiled.ckpt"))
     x, _ = _batch()
-    with torch.no_grad():  # same weights; only the memory layout (channels_last in training) differs
+    with (
+        torch.no_grad()
+    ):  # same weights; only the memory layout (channels_last in training) differs
         assert torch.allclose(net(x), module.net._orig_mod.eval()(x), rtol=1e-5, atol=1e-6)
     assert names == CLASSES
 
@@ -205,9 +243,15 @@ def test_history_adds_no_second_row_for_an_epoch_it_has(tmp_path):
     # A resumed run replays the end of its last epoch; its row is already in the restored history.
     history = History(tmp_path / "history.csv")
     history.load_state_dict({"rows": [{"epoch": e, "val_loss": 1.0 / e} for e in (1, 2)]})
-    metrics = {"train/loss": torch.tensor(0.9), "train/acc": torch.tensor(0.5),
-               "val/loss": torch.tensor(0.3), "val/acc": torch.tensor(0.6)}
-    trainer = SimpleNamespace(callback_metrics=metrics, current_epoch=1, is_global_zero=True)  # epoch 2, 0-based
+    metrics = {
+        "train/loss": torch.tensor(0.9),
+        "train/acc": torch.tensor(0.5),
+        "val/loss": torch.tensor(0.3),
+        "val/acc": torch.tensor(0.6),
+    }
+    trainer = SimpleNamespace(
+        callback_metrics=metrics, current_epoch=1, is_global_zero=True
+    )  # epoch 2, 0-based
     history.on_train_epoch_end(trainer, None)
     assert [r["epoch"] for r in history.rows] == [1, 2] and history.rows[1]["val_loss"] == 0.5
     trainer.current_epoch = 2
@@ -224,7 +268,9 @@ def test_interrupt_checkpoint_ignores_a_user_error_even_after_training(tmp_path)
     callback.on_train_batch_end(trainer, None, None, None, 0)
     callback.on_exception(trainer, None, UserError("data.root: bad"))
     assert saved == []
-    callback.on_exception(trainer, None, RuntimeError("crash"))  # the check can fail: other errors save
+    callback.on_exception(
+        trainer, None, RuntimeError("crash")
+    )  # the check can fail: other errors save
     assert saved == [tmp_path / "interrupted.ckpt"]
 
 
@@ -234,20 +280,30 @@ def test_train_metrics_and_predictions_follow_the_history_and_the_test_files(tin
     # predictions.csv's paths and labels. best_val_* come from the best epoch's history row.
     from cifar_lightning.train import train
 
-    m = train(cfg_for(tmp_path, tiny_layout, "trainer.max_epochs=2", "data.batch_size=8", "seed=1", *FAST))
+    m = train(
+        cfg_for(tmp_path, tiny_layout, "trainer.max_epochs=2", "data.batch_size=8", "seed=1", *FAST)
+    )
     saved = json.loads((tmp_path / "metrics.json").read_text())
     with open(tmp_path / "history.csv") as f:
         hist = list(csv.DictReader(f))
     best = min(hist, key=lambda r: float(r["val_loss"]))
     assert saved["best_val_loss"] == pytest.approx(float(best["val_loss"]))
     assert saved["best_val_acc"] == pytest.approx(float(best["val_acc"]))
-    assert saved["best_epoch"] == int(best["epoch"]) and m["best_val_loss"] == saved["best_val_loss"]
+    assert (
+        saved["best_epoch"] == int(best["epoch"]) and m["best_val_loss"] == saved["best_val_loss"]
+    )
     with open(tmp_path / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     test_dir = tiny_layout / "test"
-    files = [p for c in sorted(d.name for d in test_dir.iterdir()) for p in sorted((test_dir / c).iterdir())]
+    files = [
+        p
+        for c in sorted(d.name for d in test_dir.iterdir())
+        for p in sorted((test_dir / c).iterdir())
+    ]
     assert [Path(r["path"]) for r in rows] == files
-    assert [int(r["label"]) for r in rows] == [CLASSES.index(Path(r["path"]).parent.name) for r in rows]
+    assert [int(r["label"]) for r in rows] == [
+        CLASSES.index(Path(r["path"]).parent.name) for r in rows
+    ]
 
 
 # ---------------------------------------------------------------- evaluate / predict helpers
@@ -258,7 +314,9 @@ def test_match_classes_maps_folder_order_to_checkpoint_order():
     assert match_classes(["my_cat"], ["my_cat"])[0] == [0]
 
 
-@pytest.mark.parametrize("folder, ckpt", [(["cat"], ["my_cat"]), (["1_cat"], ["cat"]), (["0001_cat"], ["cat"])])
+@pytest.mark.parametrize(
+    "folder, ckpt", [(["cat"], ["my_cat"]), (["1_cat"], ["cat"]), (["0001_cat"], ["cat"])]
+)
 def test_only_a_three_digit_index_is_stripped(folder, ckpt):
     # "NNN_" is the notebook's folder numbering; any other prefix is part of the class name.
     with pytest.raises(UserError, match="classes differ"):
@@ -273,8 +331,16 @@ def test_predict_prediction_is_the_top1_class(tmp_path):
         module.net.classifier[-1].weight.mul_(20)
     ckpt = _ckpt(module, tmp_path / "m.ckpt")
     write_images(tmp_path / "pics", 4, 3)
-    cfg = compose([f"ckpt_path={ckpt}", f"inputs={tmp_path / 'pics'}", f"run_dir={tmp_path / 'out'}",
-                   "device=cpu", "top_k=3"], config_name="predict")
+    cfg = compose(
+        [
+            f"ckpt_path={ckpt}",
+            f"inputs={tmp_path / 'pics'}",
+            f"run_dir={tmp_path / 'out'}",
+            "device=cpu",
+            "top_k=3",
+        ],
+        config_name="predict",
+    )
     rows = predict(cfg)
     assert len(rows) == 4
     for r in rows:
@@ -296,11 +362,23 @@ def test_monitor_val_acc_reports_the_epoch_of_the_checkpoint_it_tested(tiny_layo
     # best_epoch, best_val_* and the value returned to sweepers follow `monitor`, as best.ckpt does
     from cifar_lightning.train import train
 
-    m = train(cfg_for(tmp_path, tiny_layout, "trainer.max_epochs=3", "data.batch_size=8", "seed=1",
-                      "monitor=val/acc", "monitor_mode=max", *FAST))
+    m = train(
+        cfg_for(
+            tmp_path,
+            tiny_layout,
+            "trainer.max_epochs=3",
+            "data.batch_size=8",
+            "seed=1",
+            "monitor=val/acc",
+            "monitor_mode=max",
+            *FAST,
+        )
+    )
     with open(tmp_path / "history.csv") as f:
         hist = list(csv.DictReader(f))
-    best = max(hist, key=lambda r: (float(r["val_acc"]), -int(r["epoch"])))  # the first of the highest
+    best = max(
+        hist, key=lambda r: (float(r["val_acc"]), -int(r["epoch"]))
+    )  # the first of the highest
     ckpt = torch.load(tmp_path / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     assert m["best_epoch"] == int(best["epoch"]) == ckpt["epoch"] + 1
     assert m["best_val_acc"] == pytest.approx(float(best["val_acc"]))
@@ -313,12 +391,29 @@ def test_evaluate_scores_a_checkpoint_as_its_own_test_phase_did(tiny_layout, tmp
     from cifar_lightning.train import train
 
     train_run = tmp_path / "train"
-    trained = train(cfg_for(train_run, tiny_layout, "trainer.max_epochs=2", "data.batch_size=8", "seed=1",
-                            "model.tta_flip=true", "fidelity=torch", *FAST))
+    trained = train(
+        cfg_for(
+            train_run,
+            tiny_layout,
+            "trainer.max_epochs=2",
+            "data.batch_size=8",
+            "seed=1",
+            "model.tta_flip=true",
+            "fidelity=torch",
+            *FAST,
+        )
+    )
     best = train_run / "checkpoints" / "best.ckpt"
     assert load_checkpoint(best)["hyper_parameters"]["resize"] == "pil_bilinear"
-    cfg = compose([f"ckpt_path={best}", f"eval_dir={tiny_layout / 'test'}", f"run_dir={tmp_path / 'eval'}",
-                   "device=cpu"], config_name="evaluate")
+    cfg = compose(
+        [
+            f"ckpt_path={best}",
+            f"eval_dir={tiny_layout / 'test'}",
+            f"run_dir={tmp_path / 'eval'}",
+            "device=cpu",
+        ],
+        config_name="evaluate",
+    )
     evaluated = evaluate(cfg)
     assert evaluated["test_loss"] == pytest.approx(trained["test_loss"], abs=1e-5)
     assert evaluated["auroc_macro"] == pytest.approx(trained["auroc_macro"], abs=1e-6)

@@ -1,6 +1,7 @@
 """Details of the artefacts, inputs and data plumbing that the broader tests let slip: report files,
 figure contents, predict's input search, DDP batch split, official-batch split, atomic prepare,
 HYDRA_FULL_ERROR, and bench's median and step caps."""
+
 import csv
 import math
 import os
@@ -48,7 +49,9 @@ def test_predictions_csv_has_label_argmax_and_probabilities_in_path_order(tmp_pa
     logits = rng.normal(size=(9, 3)).astype(np.float32)
     y = (logits.argmax(1) + np.arange(9)) % 3  # right on some rows, wrong on others
     paths = [f"img/{name}.png" for name in "zyxwvutsr"]  # not sorted: the order must be kept
-    report.write_predictions(tmp_path / "p.csv", paths, torch.from_numpy(y), torch.from_numpy(logits), CLASSES)
+    report.write_predictions(
+        tmp_path / "p.csv", paths, torch.from_numpy(y), torch.from_numpy(logits), CLASSES
+    )
     with open(tmp_path / "p.csv") as f:
         rows = list(csv.DictReader(f))
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
@@ -68,6 +71,7 @@ def test_a_failed_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
 
     def crash(*a, **k):
         raise OSError("disk full")
+
     monkeypatch.setattr(report.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         report.write_json(target, {"test_accuracy": 0.9})
@@ -78,6 +82,7 @@ def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch):
     # A failed write should not leave .metrics.json.*.tmp files piling up in the run directory.
     def crash(*a, **k):
         raise OSError("disk full")
+
     monkeypatch.setattr(report.os, "replace", crash)
     with pytest.raises(OSError):
         report.write_json(tmp_path / "metrics.json", {})
@@ -100,8 +105,17 @@ def test_history_plot_draws_train_and_val_with_best_epoch_and_lr_cuts():
     # the best epoch (first lowest val_loss) and a dotted line after each epoch whose LR was cut.
     lrs = [1e-3, 1e-3, 1e-4, 1e-4, 1e-5]
     val_loss = [1.0, 0.8, 0.9, 0.8, 1.1]  # a tie: Keras keeps the first
-    rows = [{"epoch": e, "train_acc": 0.1 * e, "val_acc": 0.05 * e + 0.02, "train_loss": 2.0 / e,
-             "val_loss": val_loss[e - 1], "lr": lrs[e - 1]} for e in range(1, 6)]
+    rows = [
+        {
+            "epoch": e,
+            "train_acc": 0.1 * e,
+            "val_acc": 0.05 * e + 0.02,
+            "train_loss": 2.0 / e,
+            "val_loss": val_loss[e - 1],
+            "lr": lrs[e - 1],
+        }
+        for e in range(1, 6)
+    ]
     best = 1 + val_loss.index(min(val_loss))
     cuts = [rows[i - 1]["epoch"] + 0.5 for i in range(1, 5) if lrs[i] < lrs[i - 1]]
     fig = report.plot_history(rows)
@@ -118,6 +132,7 @@ def test_history_plot_draws_train_and_val_with_best_epoch_and_lr_cuts():
             assert dotted == cuts
     finally:
         import matplotlib.pyplot as plt
+
         plt.close(fig)
 
 
@@ -133,7 +148,11 @@ def test_predict_glob_selects_exactly_the_matching_files(tmp_path):
     d = tmp_path / "pics"
     _touch(d / "b.jpg", d / "a.jpg", d / "c.png", d / "sub" / "d.jpg", d / "e.jpgx")
     assert find_inputs(f"{d}/*.jpg") == [d / "a.jpg", d / "b.jpg"]
-    assert find_inputs(f"{d}/**/*.jpg") == [d / "a.jpg", d / "b.jpg", d / "sub" / "d.jpg"]  # ** recurses
+    assert find_inputs(f"{d}/**/*.jpg") == [
+        d / "a.jpg",
+        d / "b.jpg",
+        d / "sub" / "d.jpg",
+    ]  # ** recurses
 
 
 def test_predict_folder_is_searched_recursively_for_keras_extensions(tmp_path):
@@ -141,7 +160,14 @@ def test_predict_folder_is_searched_recursively_for_keras_extensions(tmp_path):
     # (.ipynb_checkpoints, ._x.jpg from macOS) are not images to classify.
     d = tmp_path / "photos"
     wanted = [d / f"x{ext}" for ext in EXTENSIONS] + [d / "deep" / "er" / "y.JPG"]
-    _touch(*wanted, d / "z.tif", d / "z.webp", d / "notes.txt", d / ".hidden.png", d / ".ipynb_checkpoints" / "w.png")
+    _touch(
+        *wanted,
+        d / "z.tif",
+        d / "z.webp",
+        d / "notes.txt",
+        d / ".hidden.png",
+        d / ".ipynb_checkpoints" / "w.png",
+    )
     assert find_inputs(str(d)) == sorted(wanted)
     with pytest.raises(UserError, match="no image files found"):
         find_inputs(f"{d}/*.tif.nothing")
@@ -153,8 +179,11 @@ def test_ddp_ranks_share_the_global_batch(tiny_layout):
     # the one-process batch (same images, same labels), so each image is seen once per epoch.
     def loaders(rank, world):
         dm = CifarDataModule(str(tiny_layout), source="unused", batch_size=8, cache=True)
-        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")),
-                                     global_rank=rank, world_size=world)
+        dm.trainer = SimpleNamespace(
+            strategy=SimpleNamespace(root_device=torch.device("cpu")),
+            global_rank=rank,
+            world_size=world,
+        )
         dm.setup()
         return dm, list(dm.train_dataloader())
 
@@ -173,11 +202,23 @@ def _official_batches(base, per_batch=6):
     """Fake official pickles; every image of batch i is one flat grey level, 20 * (i + 1)."""
     folder = base / "cifar-10-batches-py"
     folder.mkdir(parents=True)
-    names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
+    names = [
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+    ]
     for i, name in enumerate(names):
         with open(folder / name, "wb") as f:
-            pickle.dump({"data": np.full((per_batch, 3072), 20 * (i + 1), np.uint8),
-                         "labels": [j % 3 for j in range(per_batch)]}, f)
+            pickle.dump(
+                {
+                    "data": np.full((per_batch, 3072), 20 * (i + 1), np.uint8),
+                    "labels": [j % 3 for j in range(per_batch)],
+                },
+                f,
+            )
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": ["airplane", "automobile", "bird"]}, f)
     return names
@@ -187,7 +228,9 @@ def test_official_batch_5_is_valid_and_test_batch_is_test(tmp_path, monkeypatch)
     # The notebook trains on data_batch_1..4 and validates on data_batch_5: a valid split taken
     # from another batch would be a different experiment with the same numbers of files.
     names = _official_batches(tmp_path / "src")
-    monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)  # fakes can't match the md5s
+    monkeypatch.setattr(
+        CIFAR10, "_check_integrity", lambda self: True
+    )  # fakes can't match the md5s
     monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *a, **k: True)
     root = ensure_layout(tmp_path / "layout", str(tmp_path / "src"), SPLITS)
     for i, split in enumerate(SPLITS):  # SPLITS lists the splits in the order of `names`
@@ -212,9 +255,12 @@ def test_a_build_that_fails_midway_leaves_no_root_and_can_be_rerun(tmp_path, mon
             raise OSError("No space left on device")
         copied.append(b)
         return copy(a, b, *args, **kw)
+
     monkeypatch.setattr(shutil, "copyfile", copy_then_fail)
     root = tmp_path / "layout"
-    with pytest.raises(UserError, match=r"data.root=.*layout: building the layout failed: No space left on device$"):
+    with pytest.raises(
+        UserError, match=r"data.root=.*layout: building the layout failed: No space left on device$"
+    ):
         ensure_layout(root, str(src), SPLITS)  # one error line, not an OSError traceback
     assert len(copied) == 4 and not root.exists()
     assert not list(tmp_path.glob(".layout.building-*"))
@@ -227,9 +273,21 @@ def test_a_build_that_fails_midway_leaves_no_root_and_can_be_rerun(tmp_path, mon
 def test_hydra_full_error_shows_the_traceback_of_a_user_error(tmp_path):
     # HYDRA_FULL_ERROR=1 is how a user asks for the traceback behind an `error:` line.
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "1"}
-    res = subprocess.run([sys.executable, "-m", "cifar_lightning.evaluate", f"ckpt_path={tmp_path / 'nope.ckpt'}",
-                          f"eval_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cifar_lightning.evaluate",
+            f"ckpt_path={tmp_path / 'nope.ckpt'}",
+            f"eval_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode != 0
     assert "Traceback (most recent call last)" in res.stderr
     assert "UserError: ckpt_path=" in res.stderr and "nope.ckpt: no such file" in res.stderr
@@ -241,7 +299,9 @@ def test_bench_median_of_an_even_number_of_rounds_is_the_lower_middle_run():
     runs = [{"epoch_s": s, "round": k} for k, s in enumerate([4.0, 1.0, 3.0, 2.0])]
     by_time = sorted(runs, key=lambda r: r["epoch_s"])
     assert median_run(runs) is by_time[len(runs) // 2 - 1]
-    assert median_run(runs[:3]) is sorted(runs[:3], key=lambda r: r["epoch_s"])[1]  # odd: the middle one
+    assert (
+        median_run(runs[:3]) is sorted(runs[:3], key=lambda r: r["epoch_s"])[1]
+    )  # odd: the middle one
     assert median_run(runs[:1]) is runs[0]
 
 

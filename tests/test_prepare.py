@@ -29,8 +29,9 @@ def _check_split_rule(root, per_class=10):
     for k in range(4):
         files = sorted(p.name for p in (root / f"train_{k + 1}" / "000_airplane").iterdir())
         assert files == [f"{i:04d}.jpg" for i in range(k * run, (k + 1) * run)]
-    assert sorted(p.name for p in (root / "valid" / "000_airplane").iterdir()) == \
-        [f"{i:04d}.jpg" for i in range(4 * run, per_class)]
+    assert sorted(p.name for p in (root / "valid" / "000_airplane").iterdir()) == [
+        f"{i:04d}.jpg" for i in range(4 * run, per_class)
+    ]
     assert KerasImageFolder(root / "test").classes == ["000_airplane", "001_automobile", "002_bird"]
 
 
@@ -56,7 +57,9 @@ def test_fake_official_archive_is_refused_before_unpickling(tmp_path, monkeypatc
         info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
         info.size = len(payload)
         tar.addfile(info, io.BytesIO(payload))
-    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("unpickled an unverified archive"))
+    monkeypatch.setattr(
+        pickle, "load", lambda *a, **k: pytest.fail("unpickled an unverified archive")
+    )
     with pytest.raises(UserError, match=r"fails its official md5 checksum"):
         ensure_layout(tmp_path / "layout", str(archive), SPLITS)
     assert not (tmp_path / "layout").exists()
@@ -67,17 +70,30 @@ def _fake_official_batches(base):
     folder = base / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for i, name in enumerate(["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]):
+    for i, name in enumerate(
+        [
+            "data_batch_1",
+            "data_batch_2",
+            "data_batch_3",
+            "data_batch_4",
+            "data_batch_5",
+            "test_batch",
+        ]
+    ):
         labels = [(i + j) % 3 for j in range(6)]
         with open(folder / name, "wb") as f:
-            pickle.dump({"data": rng.integers(0, 255, (6, 3072), dtype=np.uint8), "labels": labels}, f)
+            pickle.dump(
+                {"data": rng.integers(0, 255, (6, 3072), dtype=np.uint8), "labels": labels}, f
+            )
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": NAMES}, f)
 
 
 def test_official_reader_splits_batches(tmp_path, monkeypatch):
     _fake_official_batches(tmp_path / "src")
-    monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)  # fakes can't match the md5s
+    monkeypatch.setattr(
+        CIFAR10, "_check_integrity", lambda self: True
+    )  # fakes can't match the md5s
     monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *a, **k: True)
     root = ensure_layout(tmp_path / "layout", str(tmp_path / "src"), SPLITS)
     for split in SPLITS:  # each official batch (6 fake images) becomes one directory
@@ -94,6 +110,7 @@ def test_official_reader_refuses_bad_checksums(tmp_path):
 def test_download_offline_says_to_use_a_local_source(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("Name or service not known")
+
     monkeypatch.setattr(CIFAR10, "download", offline)
     with pytest.raises(UserError, match=r"could not download CIFAR-10.*use data.source=PATH"):
         ensure_layout(tmp_path / "layout", "download", SPLITS)
@@ -119,8 +136,11 @@ def test_unwritable_place_for_the_layout_is_one_error_line(tmp_path, monkeypatch
         raise OSError(30, "Read-only file system", str(path))
 
     monkeypatch.setattr(prepare, "_lock", read_only)
-    with pytest.raises(UserError, match=r"data.root=.*layout: building the layout failed: Read-only file system: "
-                                        r".*\.layout\.lock$"):
+    with pytest.raises(
+        UserError,
+        match=r"data.root=.*layout: building the layout failed: Read-only file system: "
+        r".*\.layout\.lock$",
+    ):
         ensure_layout(tmp_path / "layout", "download", SPLITS)
 
 

@@ -1,10 +1,17 @@
 """The metrics against a plain numpy computation, and the figures as real PNG files."""
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from cifar_lightning.report import classification_metrics, plot_confusion, plot_history, plot_roc, save_figure
+from cifar_lightning.report import (
+    classification_metrics,
+    plot_confusion,
+    plot_history,
+    plot_roc,
+    save_figure,
+)
 
 CLASSES = ["000_a", "001_b", "002_c"]
 
@@ -19,11 +26,21 @@ def _numpy_metrics(probs, y, k):
 
     def auc(scores, positive):  # probability that a positive outranks a negative (ties count 1/2)
         pos, neg = scores[positive], scores[~positive]
-        return ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+        return ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (
+            len(pos) * len(neg)
+        )
 
     aucs = np.array([auc(probs[:, c], y == c) for c in range(k)])
-    return dict(acc=(pred == y).mean(), cm=cm, precision=precision, recall=recall, f1=f1, support=support, auc=aucs,
-                loss=-np.log(probs[np.arange(len(y)), y]).mean())
+    return dict(
+        acc=(pred == y).mean(),
+        cm=cm,
+        precision=precision,
+        recall=recall,
+        f1=f1,
+        support=support,
+        auc=aucs,
+        loss=-np.log(probs[np.arange(len(y)), y]).mean(),
+    )
 
 
 def test_metrics_match_numpy():
@@ -58,14 +75,29 @@ def test_auroc_of_a_class_missing_from_the_test_set_is_undefined_not_zero():
     m = classification_metrics(torch.from_numpy(logits), torch.from_numpy(y), CLASSES)
     assert np.isnan(m["per_class"][CLASSES[2]]["auroc"])
     assert m["per_class"][CLASSES[0]]["auroc"] == pytest.approx(ref["auc"][0], abs=1e-5)
-    assert m["auroc_macro"] == pytest.approx(ref["auc"][:2].mean(), abs=1e-5)  # over the defined classes
+    assert m["auroc_macro"] == pytest.approx(
+        ref["auc"][:2].mean(), abs=1e-5
+    )  # over the defined classes
+
 
 def test_figures_are_valid_pngs(tmp_path):
     logits, y = torch.randn(40, 3), torch.arange(40) % 3
-    rows = [{"epoch": e, "train_loss": 2 / e, "val_loss": 2.2 / e + (e > 3) * 0.1, "train_acc": e / 10,
-             "val_acc": e / 11, "lr": 1e-3 if e < 3 else 1e-4} for e in range(1, 6)]
-    for name, fig in (("cm", plot_confusion(logits, y, CLASSES)), ("roc", plot_roc(logits, y, CLASSES)),
-                      ("curves", plot_history(rows))):
+    rows = [
+        {
+            "epoch": e,
+            "train_loss": 2 / e,
+            "val_loss": 2.2 / e + (e > 3) * 0.1,
+            "train_acc": e / 10,
+            "val_acc": e / 11,
+            "lr": 1e-3 if e < 3 else 1e-4,
+        }
+        for e in range(1, 6)
+    ]
+    for name, fig in (
+        ("cm", plot_confusion(logits, y, CLASSES)),
+        ("roc", plot_roc(logits, y, CLASSES)),
+        ("curves", plot_history(rows)),
+    ):
         save_figure(fig, tmp_path / f"{name}.png")
         with Image.open(tmp_path / f"{name}.png") as img:
             img.verify()
@@ -77,12 +109,22 @@ def test_sweep_summary_averages_each_recipe_over_its_seeds(tmp_path):
     import json
 
     from cifar_lightning.report import write_summary
-    jobs = [("optim=adam seed=0", "optim=adam", 0, 0.80), ("optim=adam seed=1", "optim=adam", 1, 0.84),
-            ("optim=sgd seed=0", "optim=sgd", 0, 0.70), ("optim=sgd seed=1", "optim=sgd", 1, None)]
+
+    jobs = [
+        ("optim=adam seed=0", "optim=adam", 0, 0.80),
+        ("optim=adam seed=1", "optim=adam", 1, 0.84),
+        ("optim=sgd seed=0", "optim=sgd", 0, 0.70),
+        ("optim=sgd seed=1", "optim=sgd", 1, None),
+    ]
     for i, (overrides, recipe, seed, acc) in enumerate(jobs):
         (tmp_path / str(i)).mkdir()
-        row = {"job": str(i), "overrides": overrides, "status": "completed" if acc else "failed",
-               "best_val_loss": 1.0 - (acc or 0), "test_accuracy": acc}
+        row = {
+            "job": str(i),
+            "overrides": overrides,
+            "status": "completed" if acc else "failed",
+            "best_val_loss": 1.0 - (acc or 0),
+            "test_accuracy": acc,
+        }
         if i % 2:  # rows from before recipe and seed were recorded are grouped by their overrides
             row.update(recipe=recipe, seed=seed)
         (tmp_path / str(i) / "summary_row.json").write_text(json.dumps(row))
@@ -91,22 +133,37 @@ def test_sweep_summary_averages_each_recipe_over_its_seeds(tmp_path):
         stats = {r["recipe"]: r for r in csv.DictReader(f)}
     assert stats["optim=adam"]["seeds"] == "0 1"
     assert float(stats["optim=adam"]["test_accuracy"]) == pytest.approx(0.82)
-    assert float(stats["optim=adam"]["test_accuracy_std"]) == pytest.approx(np.std([0.80, 0.84], ddof=1))
+    assert float(stats["optim=adam"]["test_accuracy_std"]) == pytest.approx(
+        np.std([0.80, 0.84], ddof=1)
+    )
     # the failed seed is left out, and one seed has no spread
     assert stats["optim=sgd"]["seeds"] == "0" and stats["optim=sgd"]["test_accuracy_std"] == ""
     assert "| optim=adam | 0 1 | 0.8200 ± 0.0283 |" in (tmp_path / "summary.md").read_text()
 
 
-@pytest.mark.parametrize("monitor, mode, order", [("val/loss", "min", ["1", "0", "2"]), ("val/acc", "max", ["0", "2", "1"]),
-                                                  (None, None, ["1", "0", "2"])])
+@pytest.mark.parametrize(
+    "monitor, mode, order",
+    [
+        ("val/loss", "min", ["1", "0", "2"]),
+        ("val/acc", "max", ["0", "2", "1"]),
+        (None, None, ["1", "0", "2"]),
+    ],
+)
 def test_sweep_summary_puts_the_best_job_by_its_monitor_first(tmp_path, monitor, mode, order):
     import json
 
     from cifar_lightning.report import read_csv, write_summary
+
     # job 1 has the lowest val loss, job 0 the highest val accuracy; None: rows from before monitors were recorded
     for job, (loss, acc) in enumerate([(0.7, 0.83), (0.6, 0.80), (0.8, 0.82)]):
         (tmp_path / str(job)).mkdir()
-        row = {"job": str(job), "overrides": f"seed={job}", "status": "completed", "best_val_loss": loss, "best_val_acc": acc}
+        row = {
+            "job": str(job),
+            "overrides": f"seed={job}",
+            "status": "completed",
+            "best_val_loss": loss,
+            "best_val_acc": acc,
+        }
         if monitor:
             row.update(monitor=monitor, monitor_mode=mode)
         (tmp_path / str(job) / "summary_row.json").write_text(json.dumps(row))
@@ -118,10 +175,28 @@ def test_a_sweep_over_the_monitor_itself_keeps_job_order(tmp_path):
     import json
 
     from cifar_lightning.report import read_csv, write_summary
-    for job, monitor, mode in [(0, "val/acc", "max"), (1, "val/loss", "min"), (10, "val/loss", "min"), (2, "val/acc", "max")]:
+
+    for job, monitor, mode in [
+        (0, "val/acc", "max"),
+        (1, "val/loss", "min"),
+        (10, "val/loss", "min"),
+        (2, "val/acc", "max"),
+    ]:
         (tmp_path / str(job)).mkdir()
-        row = {"job": str(job), "overrides": f"monitor={monitor}", "status": "completed", "best_val_loss": 1 / (job + 1),
-               "best_val_acc": 0.5, "monitor": monitor, "monitor_mode": mode}
+        row = {
+            "job": str(job),
+            "overrides": f"monitor={monitor}",
+            "status": "completed",
+            "best_val_loss": 1 / (job + 1),
+            "best_val_acc": 0.5,
+            "monitor": monitor,
+            "monitor_mode": mode,
+        }
         (tmp_path / str(job) / "summary_row.json").write_text(json.dumps(row))
     write_summary(tmp_path)
-    assert [r["job"] for r in read_csv(tmp_path / "summary.csv")] == ["0", "1", "2", "10"]  # 10 after 2: numeric
+    assert [r["job"] for r in read_csv(tmp_path / "summary.csv")] == [
+        "0",
+        "1",
+        "2",
+        "10",
+    ]  # 10 after 2: numeric

@@ -1,15 +1,14 @@
 """Replay the notebook's val_loss log through the configured plateau schedule and early stopping."""
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
-
 from omegaconf import OmegaConf
 
 from cifar_lightning.errors import UserError
 from cifar_lightning.model.schedule import build_scheduler
-from tests.conftest import cfg_for
-
 from cifar_lightning.notebook import VAL_LOSS as NOTEBOOK_VAL_LOSS
+from tests.conftest import cfg_for
 
 
 def replay(cfg):
@@ -67,7 +66,9 @@ def test_torch_counting_differs(tmp_path):
 
 
 def test_one_cycle_too_short_is_a_user_error_not_a_zero_division(tmp_path):
-    cfg = OmegaConf.to_container(cfg_for(tmp_path, tmp_path, "experiment=best").scheduler, resolve=True)
+    cfg = OmegaConf.to_container(
+        cfg_for(tmp_path, tmp_path, "experiment=best").scheduler, resolve=True
+    )
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(UserError, match=r"scheduler.pct_start=0.25 leaves no warm-up in 4 steps"):
         build_scheduler(cfg, opt, lambda: 4)  # tiny data, one epoch: torch would divide by zero
@@ -81,7 +82,9 @@ def test_one_cycle_too_short_is_a_user_error_not_a_zero_division(tmp_path):
 
 
 @pytest.mark.parametrize("scheduler,printed", [("plateau", True), ("onecycle", False)])
-def test_a_cut_is_announced_as_keras_did_only_for_the_plateau_schedule(scheduler, printed, tmp_path, caplog):
+def test_a_cut_is_announced_as_keras_did_only_for_the_plateau_schedule(
+    scheduler, printed, tmp_path, caplog
+):
     # One-cycle lowers the learning rate every step of its second half: that is not a plateau cut.
     from types import SimpleNamespace
 
@@ -91,8 +94,12 @@ def test_a_cut_is_announced_as_keras_did_only_for_the_plateau_schedule(scheduler
 
     cfg = cfg_for(tmp_path, tmp_path, f"scheduler={scheduler}")
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
-    sched, _ = build_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True), opt, lambda: 100)
-    trainer = SimpleNamespace(optimizers=[opt], lr_scheduler_configs=[LRSchedulerConfig(sched)], current_epoch=0)
+    sched, _ = build_scheduler(
+        OmegaConf.to_container(cfg.scheduler, resolve=True), opt, lambda: 100
+    )
+    trainer = SimpleNamespace(
+        optimizers=[opt], lr_scheduler_configs=[LRSchedulerConfig(sched)], current_epoch=0
+    )
     caplog.set_level("INFO", logger="cifar_lightning")
     history = History(tmp_path / "history.csv")
     history.on_train_epoch_start(trainer, None)

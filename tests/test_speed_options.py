@@ -1,13 +1,14 @@
 """The speed options compose with the rest: bf16-mixed precision and torch.compile; and the training
 loop keeps off the operations that would make the host wait for a GPU."""
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cifar_lightning.errors import UserError
 from cifar_lightning.model.module import Classifier
 from cifar_lightning.train import train
-from omegaconf import OmegaConf
 from tests.conftest import cfg_for
 
 FAST = ["logger=none", "trainer.max_epochs=1"]
@@ -15,22 +16,34 @@ FAST = ["logger=none", "trainer.max_epochs=1"]
 
 def test_bf16_mixed_trains_and_tests(tiny_layout, tmp_path):
     m = train(cfg_for(tmp_path, tiny_layout, "trainer.precision=bf16-mixed", *FAST))
-    assert m["epochs_run"] == 1 and 0 <= m["test_accuracy"] <= 1 and m["test_loss"] == m["test_loss"]
+    assert (
+        m["epochs_run"] == 1 and 0 <= m["test_accuracy"] <= 1 and m["test_loss"] == m["test_loss"]
+    )
 
 
 def test_compile_option_builds_a_compiled_network(tmp_path):
     cfg = cfg_for(tmp_path, tmp_path, "model.compile=true")
-    module = Classifier(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.optim),
-                        OmegaConf.to_container(cfg.scheduler), [str(i) for i in range(10)])
+    module = Classifier(
+        OmegaConf.to_container(cfg.model, resolve=True),
+        OmegaConf.to_container(cfg.optim),
+        OmegaConf.to_container(cfg.scheduler),
+        [str(i) for i in range(10)],
+    )
     assert isinstance(module.net, torch._dynamo.eval_frame.OptimizedModule)
     # the checkpoint keys stay loadable by evaluate/predict (they strip "_orig_mod.")
     assert any("_orig_mod." in k for k in module.state_dict())
 
 
-def test_lightnings_profiler_writes_its_report_into_the_run_directory(tiny_layout, tmp_path, capsys, caplog):
+def test_lightnings_profiler_writes_its_report_into_the_run_directory(
+    tiny_layout, tmp_path, capsys, caplog
+):
     train(cfg_for(tmp_path, tiny_layout, "trainer.profiler=simple", *FAST))
     fit = (tmp_path / "fit-profile.txt").read_text()
-    assert fit.startswith("FIT Profiler Report") and "run_training_batch" in fit and "Strategy.training_step" in fit
+    assert (
+        fit.startswith("FIT Profiler Report")
+        and "run_training_batch" in fit
+        and "Strategy.training_step" in fit
+    )
     test = (tmp_path / "test-profile.txt").read_text()
     assert test.startswith("TEST Profiler Report") and "Strategy.test_step" in test
     assert "run_training_batch" not in test  # test's own profiler: not fit's rows again
@@ -41,11 +54,16 @@ def test_lightnings_profiler_writes_its_report_into_the_run_directory(tiny_layou
 
 @pytest.mark.slow
 def test_compiled_and_bf16_training_together(tiny_layout, tmp_path):
-    m = train(cfg_for(tmp_path, tiny_layout, "model.compile=true", "trainer.precision=bf16-mixed", *FAST))
+    m = train(
+        cfg_for(tmp_path, tiny_layout, "model.compile=true", "trainer.precision=bf16-mixed", *FAST)
+    )
     assert m["epochs_run"] == 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a GPU: pytest tests/test_speed_options.py)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA (run on a GPU: pytest tests/test_speed_options.py)",
+)
 def test_gpu_batches_are_gathered_without_a_host_sync():
     from cifar_lightning.data.datamodule import TensorImages
 
@@ -66,21 +84,39 @@ def test_step_overhead_script_times_the_five_loops():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, "scripts/step_overhead.py", "--steps", "30", "--rounds", "2"], cwd=root,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "scripts/step_overhead.py", "--steps", "30", "--rounds", "2"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     names = ("a", "c", "c+cb", "c-log", "graph0")
-    rows = {f[0]: f for f in (line.split() for line in res.stdout.splitlines()) if f and f[0] in names}
+    rows = {
+        f[0]: f for f in (line.split() for line in res.stdout.splitlines()) if f and f[0] in names
+    }
     assert set(rows) == set(names)
-    assert all(float(f[1]) > 0 and len(f) == 6 for f in rows.values())  # median, over a, a/x, 2 rounds
-    assert float(rows["a"][2]) == 0 and float(rows["c"][3]) == pytest.approx(float(rows["a"][1]) / float(rows["c"][1]), abs=0.01)
+    assert all(
+        float(f[1]) > 0 and len(f) == 6 for f in rows.values()
+    )  # median, over a, a/x, 2 rounds
+    assert float(rows["a"][2]) == 0 and float(rows["c"][3]) == pytest.approx(
+        float(rows["a"][1]) / float(rows["c"][1]), abs=0.01
+    )
 
 
 # Operations whose result size or value the host must read: on a GPU each one waits for every queued
 # kernel, so the host can't run ahead and queue the next step.
-SYNCING_OPS = {"aten::_local_scalar_dense",  # .item(), float(t), bool(t), `if t:`
-               "aten::nonzero", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
-               "aten::bincount", "aten::masked_select", "aten::repeat_interleave"}
+SYNCING_OPS = {
+    "aten::_local_scalar_dense",  # .item(), float(t), bool(t), `if t:`
+    "aten::nonzero",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::bincount",
+    "aten::masked_select",
+    "aten::repeat_interleave",
+}
 
 
 class OpRecorder(TorchDispatchMode):
@@ -101,20 +137,37 @@ class OpRecorder(TorchDispatchMode):
         self.seen.add(name)
         if name in SYNCING_OPS and self.on_gpu(args[0]):
             self.waits.add(name)
-        elif name == "aten::index" and self.on_gpu(args[0]) and any(
-                i is not None and i.dtype == torch.bool for i in args[1]):
+        elif (
+            name == "aten::index"
+            and self.on_gpu(args[0])
+            and any(i is not None and i.dtype == torch.bool for i in args[1])
+        ):
             self.waits.add("aten::index with a bool mask")  # t[mask]: a nonzero inside, on a GPU
-        elif self.gpu_run and (name == "aten::_to_copy" and args[0].is_cuda and kwargs.get("device") == torch.device("cpu")
-                               or name == "aten::copy_" and args[1].is_cuda and not args[0].is_cuda):
+        elif self.gpu_run and (
+            name == "aten::_to_copy"
+            and args[0].is_cuda
+            and kwargs.get("device") == torch.device("cpu")
+            or name == "aten::copy_"
+            and args[1].is_cuda
+            and not args[0].is_cuda
+        ):
             self.waits.add(f"{name} from the GPU to the host")
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+        ),
+    ],
+)
 @pytest.mark.parametrize("recipe", ["", "experiment=next", "experiment=best"])
-def test_a_steady_training_and_validation_step_never_waits_for_the_device(tiny_layout, tmp_path, monkeypatch, recipe,
-                                                                          device):
+def test_a_steady_training_and_validation_step_never_waits_for_the_device(
+    tiny_layout, tmp_path, monkeypatch, recipe, device
+):
     """From the start of one batch to the start of the next: the step, the optimizer, every callback
     (the progress bar refreshed each step), the TensorBoard logger, and fetching the next batch from
     the cache. On the CPU the recorder flags what would wait on a GPU, so CI checks it without one."""
@@ -127,11 +180,16 @@ def test_a_steady_training_and_validation_step_never_waits_for_the_device(tiny_l
             if batch_idx == 1:  # batch 0 pays one-off costs (allocations, optimizer state)
                 # torch's Adam reads its step counter with .item(); that counter is kept on the CPU in a
                 # GPU run (not capturable, not fused), so reading it does not wait for the GPU.
-                steps = {s["step"].data_ptr() for opt in self.trainer.optimizers for s in opt.state.values()
-                         if torch.is_tensor(s.get("step")) and s["step"].ndim == 0}
+                steps = {
+                    s["step"].data_ptr()
+                    for opt in self.trainer.optimizers
+                    for s in opt.state.values()
+                    if torch.is_tensor(s.get("step")) and s["step"].ndim == 0
+                }
                 windows[stage] = OpRecorder(self.device.type == "cuda", steps).__enter__()
             elif batch_idx == 2:
                 windows[stage].__exit__(None, None, None)
+
         return on_batch_start
 
     monkeypatch.setattr(Classifier, "on_train_batch_start", hook("train"), raising=False)
@@ -139,11 +197,28 @@ def test_a_steady_training_and_validation_step_never_waits_for_the_device(tiny_l
     # batch 8: 3 training batches per directory and 3 validation batches, so each window is a whole
     # step; the progress bar and the logger both refresh every step
     try:
-        train(cfg_for(tmp_path, tiny_layout, "trainer.max_epochs=1", "data.batch_size=8", "trainer.log_every_n_steps=1",
-                      "callbacks.progress_bar.refresh_rate=1", f"trainer={device}", *([recipe] if recipe else [])))
-    except UserError as exc:  # experiment=best (peak lr 0.1) on 8-image batches diverged on an H200: its one epoch
-        assert "training diverged" in str(exc)  # had no finite val/loss; the steps were recorded all the same
-    assert "aten::convolution_backward" in windows["train"].seen and "aten::convolution" in windows["val"].seen
+        train(
+            cfg_for(
+                tmp_path,
+                tiny_layout,
+                "trainer.max_epochs=1",
+                "data.batch_size=8",
+                "trainer.log_every_n_steps=1",
+                "callbacks.progress_bar.refresh_rate=1",
+                f"trainer={device}",
+                *([recipe] if recipe else []),
+            )
+        )
+    except (
+        UserError
+    ) as exc:  # experiment=best (peak lr 0.1) on 8-image batches diverged on an H200: its one epoch
+        assert "training diverged" in str(
+            exc
+        )  # had no finite val/loss; the steps were recorded all the same
+    assert (
+        "aten::convolution_backward" in windows["train"].seen
+        and "aten::convolution" in windows["val"].seen
+    )
     for stage, rec in windows.items():
         assert not rec.waits, f"a {stage} step waits for the device at: {sorted(rec.waits)}"
 
@@ -153,6 +228,10 @@ def test_model_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, mode):
     seen = []
     monkeypatch.setattr(torch, "compile", lambda net, mode=None: seen.append(mode) or net)
     cfg = cfg_for(tmp_path, tmp_path, "model.compile=true", f"model.compile_mode={mode}")
-    Classifier(model=OmegaConf.to_container(cfg.model, resolve=True), optim=OmegaConf.to_container(cfg.optim, resolve=True),
-               scheduler=None, class_names=[str(i) for i in range(10)])
+    Classifier(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        scheduler=None,
+        class_names=[str(i) for i in range(10)],
+    )
     assert seen == [mode]

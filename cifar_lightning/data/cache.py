@@ -1,6 +1,7 @@
 """Decode each split once into a uint8 tensor file beside the data, keyed by a fingerprint.
 
 The file holds only tensors, lists of strings and ints: it is loaded with weights_only=True."""
+
 from __future__ import annotations
 
 import hashlib
@@ -28,7 +29,9 @@ def fingerprint(ds: KerasImageFolder, image_size: int) -> str:
     return h.hexdigest()[:16]
 
 
-def load_split(ds: KerasImageFolder, image_size: int, resize: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_split(
+    ds: KerasImageFolder, image_size: int, resize: str
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(images uint8 N x 3 x S x S, labels int64 N, paths) of an ImageFolder split, from the cache
     if its fingerprint matches. Bad files are an error, or skipped with skip_bad_files."""
     root = Path(ds.root)
@@ -39,8 +42,11 @@ def load_split(ds: KerasImageFolder, image_size: int, resize: str) -> tuple[torc
             data = torch.load(path, weights_only=True)
             # "resized_with" is None when every image was already image_size: then the fidelity
             # presets' resize rules give the same pixels and switching them rebuilds nothing.
-            if (data["fingerprint"] == key and data["images"].shape[0] == len(data["paths"])
-                    and data["resized_with"] in (None, resize)):
+            if (
+                data["fingerprint"] == key
+                and data["images"].shape[0] == len(data["paths"])
+                and data["resized_with"] in (None, resize)
+            ):
                 return data["images"], data["labels"], data["paths"]
         except Exception:  # an unreadable cache is rebuilt, never trusted
             pass
@@ -66,11 +72,25 @@ def load_split(ds: KerasImageFolder, image_size: int, resize: str) -> tuple[torc
         paths = [p for p, k in zip(paths, keep.tolist()) if k]
         warn_skipped(root, [str(e) for _, e in bad])
     try:
-        _atomic_save({"fingerprint": key, "images": images, "labels": labels, "paths": paths,
-                      "classes": list(ds.classes), "resized_with": resize if resized else None}, path)
-    except OSError as exc:  # a read-only or full disk: this run has its images, only the next one pays
-        warnings.warn(f"{path}: cache not saved ({exc.strerror or exc}); the next run decodes {root.name} again "
-                      f"(make {root.parent} writable, or set data.cache=false)", stacklevel=2)
+        _atomic_save(
+            {
+                "fingerprint": key,
+                "images": images,
+                "labels": labels,
+                "paths": paths,
+                "classes": list(ds.classes),
+                "resized_with": resize if resized else None,
+            },
+            path,
+        )
+    except (
+        OSError
+    ) as exc:  # a read-only or full disk: this run has its images, only the next one pays
+        warnings.warn(
+            f"{path}: cache not saved ({exc.strerror or exc}); the next run decodes {root.name} again "
+            f"(make {root.parent} writable, or set data.cache=false)",
+            stacklevel=2,
+        )
         return images, labels, paths
     for old in root.parent.glob(f".cache-{root.name}-*.pt"):
         if old != path:
@@ -80,8 +100,10 @@ def load_split(ds: KerasImageFolder, image_size: int, resize: str) -> tuple[torc
 
 def warn_skipped(root: Path, messages: list[str]) -> None:
     first = "; ".join(messages[:3])
-    warnings.warn(f"{root}: skipped {len(messages)} unreadable image(s) (data.skip_bad_files=true): {first}",
-                  stacklevel=2)
+    warnings.warn(
+        f"{root}: skipped {len(messages)} unreadable image(s) (data.skip_bad_files=true): {first}",
+        stacklevel=2,
+    )
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -90,7 +112,9 @@ def _atomic_save(obj, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: others who may read the data may read its cache
+        os.chmod(
+            tmp, 0o666 & ~_umask()
+        )  # mkstemp makes 0600: others who may read the data may read its cache
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

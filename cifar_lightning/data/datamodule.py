@@ -6,6 +6,7 @@ Two paths, identical batches (same DirectoryBatchSampler):
   cache=false  torchvision ImageFolder + DataLoader workers decode with PIL every epoch. For data
                that does not fit in memory.
 Both yield uint8 images; the network does the 1/255 rescaling."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -61,23 +62,40 @@ def check_same_classes(splits: dict[str, list[str]]) -> list[str]:
     (first, classes), *rest = splits.items()
     for name, other in rest:
         if other != classes:
-            only_first, only_other = sorted(set(classes) - set(other)), sorted(set(other) - set(classes))
+            only_first, only_other = (
+                sorted(set(classes) - set(other)),
+                sorted(set(other) - set(classes)),
+            )
             detail = []
             if only_first:
                 detail.append(f"{only_first} only in {first}")
             if only_other:
                 detail.append(f"{only_other} only in {name}")
-            raise UserError(f"class folders differ between splits {first} and {name}: "
-                            + ("; ".join(detail) or f"order {classes} vs {other}"))
+            raise UserError(
+                f"class folders differ between splits {first} and {name}: "
+                + ("; ".join(detail) or f"order {classes} vs {other}")
+            )
     return classes
 
 
 class CifarDataModule(L.LightningDataModule):
-    def __init__(self, root: str, source: str = "download", train_dirs=("train_1", "train_2", "train_3", "train_4"),
-                 val_dir: str = "valid", test_dir: str = "test", batch_size: int = 64, image_size: int = 32,
-                 cache: bool = True, num_workers: int = 0, skip_bad_files: bool = False,
-                 batching: str = "per_directory", resize: str = "tf_bilinear", seed: int = 0,
-                 eval_batch_size: int | str = "auto"):
+    def __init__(
+        self,
+        root: str,
+        source: str = "download",
+        train_dirs=("train_1", "train_2", "train_3", "train_4"),
+        val_dir: str = "valid",
+        test_dir: str = "test",
+        batch_size: int = 64,
+        image_size: int = 32,
+        cache: bool = True,
+        num_workers: int = 0,
+        skip_bad_files: bool = False,
+        batching: str = "per_directory",
+        resize: str = "tf_bilinear",
+        seed: int = 0,
+        eval_batch_size: int | str = "auto",
+    ):
         super().__init__()
         self.root, self.source = Path(root), source
         self.train_dirs, self.val_dir, self.test_dir = list(train_dirs), val_dir, test_dir
@@ -86,7 +104,9 @@ class CifarDataModule(L.LightningDataModule):
         self.batching, self.resize, self.seed = batching, resize, seed
         self.eval_batch_size = eval_batch_size
         self.classes: list[str] | None = None
-        self._data: dict[str, tuple[Dataset, list[int]]] = {}  # role -> (dataset, size of each directory)
+        self._data: dict[
+            str, tuple[Dataset, list[int]]
+        ] = {}  # role -> (dataset, size of each directory)
         self.paths: dict[str, list[str]] = {}  # per split, in loader order (for predictions.csv)
 
     @property
@@ -115,11 +135,17 @@ class CifarDataModule(L.LightningDataModule):
                 self.paths[name] = [p for p, _ in folder.samples]
         # Built once per role: the train directories are concatenated here, not in every
         # train_dataloader() call, and the cached tensors exist once (on the GPU when training there).
-        for role, names in (("train", self.train_dirs), ("val", [self.val_dir]), ("test", [self.test_dir])):
+        for role, names in (
+            ("train", self.train_dirs),
+            ("val", [self.val_dir]),
+            ("test", [self.test_dir]),
+        ):
             parts = [splits[n] for n in names]
             if self.cache:
-                dataset = TensorImages(torch.cat([d.images for d in parts]).to(device),
-                                       torch.cat([d.labels for d in parts]).to(device))
+                dataset = TensorImages(
+                    torch.cat([d.images for d in parts]).to(device),
+                    torch.cat([d.labels for d in parts]).to(device),
+                )
             else:
                 dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
             self._data[role] = (dataset, [len(d) for d in parts])
@@ -134,14 +160,24 @@ class CifarDataModule(L.LightningDataModule):
         dataset, sizes = self._data[role]
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        batch_size = self.batch_size if role == "train" else eval_batch_size(
-            self.eval_batch_size, self.batch_size, self._batch_device())
+        batch_size = (
+            self.batch_size
+            if role == "train"
+            else eval_batch_size(self.eval_batch_size, self.batch_size, self._batch_device())
+        )
         sampler = DirectoryBatchSampler(sizes, batch_size, mode, self.seed, rank, world)
         if self.cache:
-            return DataLoader(dataset, batch_sampler=sampler, collate_fn=_whole_batch, num_workers=0)
+            return DataLoader(
+                dataset, batch_sampler=sampler, collate_fn=_whole_batch, num_workers=0
+            )
         # Pinned batches let Lightning's copy to the GPU (non_blocking) run without the host waiting.
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=self._batch_device().type == "cuda")
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self._batch_device().type == "cuda",
+        )
 
     def train_dataloader(self):
         return self._loader("train", self.batching)
@@ -152,11 +188,14 @@ class CifarDataModule(L.LightningDataModule):
     def test_dataloader(self):
         return self._loader("test", "sequential")
 
+
 def check_images(folder: KerasImageFolder) -> KerasImageFolder:
     """Per-file path: decode each file once at setup, so a bad file is found now and not halfway
     through epoch 7. It is an error, or with skip_bad_files dropped with a warning."""
     bad = []
-    with tqdm(folder.samples, desc=f"checking {Path(folder.root).name}", unit="img", mininterval=1.0) as samples:
+    with tqdm(
+        folder.samples, desc=f"checking {Path(folder.root).name}", unit="img", mininterval=1.0
+    ) as samples:
         for path, _ in samples:  # the bar is closed before an error line
             try:
                 folder.loader(path)

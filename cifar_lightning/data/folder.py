@@ -1,5 +1,6 @@
 """Class discovery and image decoding with Keras's rules; every path (cache, per-file, evaluate,
 predict) goes through this one ImageFolder subclass."""
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,10 @@ from cifar_lightning.errors import UserError
 
 # Keras image_dataset_from_directory's extensions (ImageFolder's differ: no .gif, extra .tif/.webp...)
 EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
-RESIZES = ("tf_bilinear", "pil_bilinear")  # fidelity.resize: tf.image.resize, or PIL's (antialiased)
+RESIZES = (
+    "tf_bilinear",
+    "pil_bilinear",
+)  # fidelity.resize: tf.image.resize, or PIL's (antialiased)
 MAX_PIXELS = 64_000_000  # larger canvases are refused from the header, before any decoding
 
 
@@ -26,7 +30,9 @@ def find_classes(directory: str | Path) -> list[str]:
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory}: no such directory")
-    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+    return sorted(
+        e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith(".")
+    )
 
 
 def decode(path: str | Path, size: int = 32, resize: str = "tf_bilinear") -> torch.Tensor:
@@ -43,8 +49,10 @@ def read_rgb(path: str | Path) -> np.ndarray:
             with Image.open(path) as img:
                 w, h = img.size  # from the header: nothing decoded yet
                 if w * h > MAX_PIXELS:
-                    raise UserError(f"{path}: image claims {w}x{h} pixels, over the {MAX_PIXELS:,} limit "
-                                    "(a decompression bomb?)")
+                    raise UserError(
+                        f"{path}: image claims {w}x{h} pixels, over the {MAX_PIXELS:,} limit "
+                        "(a decompression bomb?)"
+                    )
                 img.load()  # a truncated file raises here: PIL's LOAD_TRUNCATED_IMAGES stays False
                 return _to_rgb_uint8(img)
     except UserError:
@@ -62,7 +70,9 @@ def fit_size(arr: np.ndarray, size: int, resize: str) -> torch.Tensor:
         img = Image.fromarray(arr).resize((size, size), Image.BILINEAR)
         return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
     # tf.image.resize(bilinear) == interpolate(antialias=False, align_corners=False)
-    y = F.interpolate(x[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    y = F.interpolate(
+        x[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=False
+    )
     return y[0].round().clamp(0, 255).to(torch.uint8)
 
 
@@ -81,33 +91,52 @@ def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
 class KerasImageFolder(ImageFolder):
     """ImageFolder with Keras's class and file rules, yielding (uint8 3xHxW tensor, label)."""
 
-    def __init__(self, root: str | Path, image_size: int = 32, resize: str = "tf_bilinear",
-                 skip_bad_files: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int = 32,
+        resize: str = "tf_bilinear",
+        skip_bad_files: bool = False,
+    ):
         root = Path(root)
         if not root.is_dir():
             raise UserError(f"{root}: no such directory")
         self.skip_bad_files = skip_bad_files
         try:
-            super().__init__(str(root), loader=partial(decode, size=image_size, resize=resize),
-                             is_valid_file=lambda p: p.lower().endswith(EXTENSIONS), allow_empty=False)
+            super().__init__(
+                str(root),
+                loader=partial(decode, size=image_size, resize=resize),
+                is_valid_file=lambda p: p.lower().endswith(EXTENSIONS),
+                allow_empty=False,
+            )
         except FileNotFoundError as exc:
             raise UserError(f"{root}: {exc}") from exc
 
     def find_classes(self, directory):
         classes = find_classes(directory)
         if not classes:
-            raise UserError(f"{directory}: no class folders (expected e.g. {directory}/000_airplane/)")
+            raise UserError(
+                f"{directory}: no class folders (expected e.g. {directory}/000_airplane/)"
+            )
         return classes, {c: i for i, c in enumerate(classes)}
 
     @staticmethod
-    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+    def make_dataset(
+        directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False
+    ):
         # Keras walks recursively and sorts; hidden folders inside a class are skipped too.
         samples = []
         for cls, idx in sorted(class_to_idx.items(), key=lambda kv: kv[1]):
-            files = sorted(str(p) for p in Path(directory, cls).rglob("*")
-                           if p.is_file() and is_valid_file(str(p))
-                           and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+            files = sorted(
+                str(p)
+                for p in Path(directory, cls).rglob("*")
+                if p.is_file()
+                and is_valid_file(str(p))
+                and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+            )
             if not files:
-                raise UserError(f"{Path(directory, cls)}: class folder has no images ({', '.join(EXTENSIONS)})")
+                raise UserError(
+                    f"{Path(directory, cls)}: class folder has no images ({', '.join(EXTENSIONS)})"
+                )
             samples += [(f, idx) for f in files]
         return samples

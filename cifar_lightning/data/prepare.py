@@ -9,6 +9,7 @@ image folders, per class in file-name order, the first 4/5 go to train_1..4 in f
 (files 0-3999, 1,000 each, for CIFAR-10) and the rest to valid. The layout is built beside the
 target and renamed into place under a lock, so an interrupted or concurrent prepare never leaves
 a half-built root."""
+
 from __future__ import annotations
 
 import fcntl
@@ -42,11 +43,15 @@ def ensure_layout(root: str | Path, source: str, splits: list[str]) -> Path:
     if has_layout(root, splits):
         return root
     if root.exists() and not root.is_dir():
-        raise UserError(f"data.root={root} is a file, not a folder; point data.root at the folder of the splits")
+        raise UserError(
+            f"data.root={root} is a file, not a folder; point data.root at the folder of the splits"
+        )
     if root.exists() and any(root.iterdir()):
         missing = [s for s in splits if not (root / s).is_dir()]
-        raise UserError(f"data.root={root} exists but lacks {missing}; point data.root at a full layout "
-                        "or at a new directory to build one there")
+        raise UserError(
+            f"data.root={root} exists but lacks {missing}; point data.root at a full layout "
+            "or at a new directory to build one there"
+        )
     try:  # a read-only or full disk, a folder we may not write: one line naming the file
         root.parent.mkdir(parents=True, exist_ok=True)
         with _lock(root.parent / f".{root.name}.lock"):
@@ -62,7 +67,9 @@ def ensure_layout(root: str | Path, source: str, splits: list[str]) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
-        raise UserError(f"data.root={root}: building the layout failed: {exc.strerror or exc}{where}") from exc
+        raise UserError(
+            f"data.root={root}: building the layout failed: {exc.strerror or exc}{where}"
+        ) from exc
     if not has_layout(root, splits):
         raise UserError(f"data.source={source} did not give the splits {splits} under {root}")
     return root
@@ -95,11 +102,15 @@ def build(source: str, out: Path, work: Path) -> None:
             names = tar.getnames()
             if any(n.startswith("cifar-10-batches-py") for n in names):
                 verify_official_archive(path)  # before anything is extracted or unpickled
-            tar.extractall(work / "src", filter="data")  # "data" refuses absolute paths, .. and devices
+            tar.extractall(
+                work / "src", filter="data"
+            )  # "data" refuses absolute paths, .. and devices
     except tarfile.FilterError as exc:  # the member is named; nothing outside work/ was written
         raise UserError(f"data.source={source}: refused: {exc}") from exc
     except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise UserError(f"data.source={source}: a damaged archive ({type(exc).__name__}: {exc})") from exc
+        raise UserError(
+            f"data.source={source}: a damaged archive ({type(exc).__name__}: {exc})"
+        ) from exc
     if (work / "src" / "cifar-10-batches-py").is_dir():
         return from_official(work / "src", out)
     return from_image_folders(work / "src", out)
@@ -111,9 +122,11 @@ def download(work: Path) -> Path:
     try:
         CIFAR10(str(work / "download"), download=True)  # md5-checked by torchvision
     except Exception as exc:
-        raise UserError(f"could not download CIFAR-10 from {CIFAR10.url} ({' '.join(str(exc).split())[:200]}); "
-                        "offline? use data.source=PATH to cifar-10-python.tar.gz or to an image-folder archive "
-                        "such as ../shared/data/cifar10-jpeg.tar.gz") from exc
+        raise UserError(
+            f"could not download CIFAR-10 from {CIFAR10.url} ({' '.join(str(exc).split())[:200]}); "
+            "offline? use data.source=PATH to cifar-10-python.tar.gz or to an image-folder archive "
+            "such as ../shared/data/cifar10-jpeg.tar.gz"
+        ) from exc
     return work / "download"
 
 
@@ -125,8 +138,10 @@ def verify_official_archive(path: Path) -> None:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             md5.update(chunk)
     if md5.hexdigest() != CIFAR10.tgz_md5:
-        raise UserError(f"data.source={path}: looks like cifar-10-python.tar.gz but fails its official md5 "
-                        f"checksum ({md5.hexdigest()} != {CIFAR10.tgz_md5}); refusing to unpickle it")
+        raise UserError(
+            f"data.source={path}: looks like cifar-10-python.tar.gz but fails its official md5 "
+            f"checksum ({md5.hexdigest()} != {CIFAR10.tgz_md5}); refusing to unpickle it"
+        )
 
 
 def from_official(base: Path, out: Path) -> None:
@@ -136,24 +151,34 @@ def from_official(base: Path, out: Path) -> None:
     try:
         train, test = CIFAR10(str(base), train=True), CIFAR10(str(base), train=False)
     except RuntimeError as exc:
-        raise UserError(f"{base / 'cifar-10-batches-py'}: {exc} (official md5 checksums failed)") from exc
+        raise UserError(
+            f"{base / 'cifar-10-batches-py'}: {exc} (official md5 checksums failed)"
+        ) from exc
     folders = [f"{i:03d}_{c}" for i, c in enumerate(train.classes)]
     n = len(train.data) // 5  # 10,000 per official batch
-    splits = [(d, train.data[k * n:(k + 1) * n], train.targets[k * n:(k + 1) * n])
-              for k, d in enumerate([*TRAIN_DIRS, "valid"])] + [("test", test.data, test.targets)]
+    splits = [
+        (d, train.data[k * n : (k + 1) * n], train.targets[k * n : (k + 1) * n])
+        for k, d in enumerate([*TRAIN_DIRS, "valid"])
+    ] + [("test", test.data, test.targets)]
     for split, images, labels in splits:
         for f in folders:
             (out / split / f).mkdir(parents=True, exist_ok=True)
-        for i, (img, label) in enumerate(tqdm(list(zip(images, labels)), desc=f"writing {split}", unit="img",
-                                              mininterval=1.0)):
+        for i, (img, label) in enumerate(
+            tqdm(list(zip(images, labels)), desc=f"writing {split}", unit="img", mininterval=1.0)
+        ):
             Image.fromarray(np.asarray(img)).save(out / split / folders[label] / f"{i:05d}.png")
 
 
 def _find_split_dirs(base: Path) -> tuple[Path, Path]:
-    for cand in [base, *sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))]:
+    for cand in [
+        base,
+        *sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")),
+    ]:
         if (cand / "train").is_dir() and (cand / "test").is_dir():
             return cand / "train", cand / "test"
-    raise UserError(f"{base}: no train/ and test/ image folders found (expected train/<class>/ and test/<class>/)")
+    raise UserError(
+        f"{base}: no train/ and test/ image folders found (expected train/<class>/ and test/<class>/)"
+    )
 
 
 def _images(d: Path) -> list[Path]:
@@ -164,15 +189,19 @@ def from_image_folders(base: Path, out: Path) -> None:
     from cifar_lightning.data.datamodule import check_same_classes
 
     train_dir, test_dir = _find_split_dirs(base)
-    classes = check_same_classes({str(train_dir): find_classes(train_dir), str(test_dir): find_classes(test_dir)})
+    classes = check_same_classes(
+        {str(train_dir): find_classes(train_dir), str(test_dir): find_classes(test_dir)}
+    )
     for i, cls in enumerate(tqdm(classes, desc="grouping", unit="class")):
         folder = cls if re.match(r"^\d{3}_", cls) else f"{i:03d}_{cls}"
         files = _images(train_dir / cls)
         run = len(files) * 4 // 5 // 4  # files per train directory: 1,000 of 5,000
         if run == 0:
-            raise UserError(f"{train_dir / cls}: {len(files)} images, too few to split into train_1..4 and valid")
-        parts = {d: files[k * run:(k + 1) * run] for k, d in enumerate(TRAIN_DIRS)}
-        parts["valid"], parts["test"] = files[4 * run:], _images(test_dir / cls)
+            raise UserError(
+                f"{train_dir / cls}: {len(files)} images, too few to split into train_1..4 and valid"
+            )
+        parts = {d: files[k * run : (k + 1) * run] for k, d in enumerate(TRAIN_DIRS)}
+        parts["valid"], parts["test"] = files[4 * run :], _images(test_dir / cls)
         for split, paths in parts.items():
             (out / split / folder).mkdir(parents=True, exist_ok=True)
             for p in paths:

@@ -1,10 +1,14 @@
 """The batch order, shared by the cached and per-file paths so both see identical batches."""
+
 from __future__ import annotations
 
 import torch
 from torch.utils.data import Sampler
 
-BATCHINGS = ("per_directory", "random")  # fidelity.batching for training; "sequential" serves val/test
+BATCHINGS = (
+    "per_directory",
+    "random",
+)  # fidelity.batching for training; "sequential" serves val/test
 
 
 class DirectoryBatchSampler(Sampler[list[int]]):
@@ -18,8 +22,15 @@ class DirectoryBatchSampler(Sampler[list[int]]):
     batch, every rank takes the same number of steps, and each image is seen once per epoch.
     DDP averages the ranks' gradients, which equals the single-process step when chunks are equal."""
 
-    def __init__(self, sizes: list[int], batch_size: int, mode: str = "per_directory", seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        sizes: list[int],
+        batch_size: int,
+        mode: str = "per_directory",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if mode not in (*BATCHINGS, "sequential"):
             raise ValueError(f"unknown batching mode {mode!r}")
         self.sizes, self.batch_size, self.mode, self.seed = list(sizes), batch_size, mode, seed
@@ -51,8 +62,10 @@ class DirectoryBatchSampler(Sampler[list[int]]):
     def _chunk(self, batch: list[int]) -> list[int]:
         n, w, r = len(batch), self.world_size, self.rank
         if n < w:  # every rank must take a step: ranks past the batch repeat its last image, so the
-            return [batch[min(r, n - 1)]]  # repeats come last when the ranks' chunks are put together
-        return batch[r * n // w:(r + 1) * n // w]
+            return [
+                batch[min(r, n - 1)]
+            ]  # repeats come last when the ranks' chunks are put together
+        return batch[r * n // w : (r + 1) * n // w]
 
     def __iter__(self):
         yield from self.batches()

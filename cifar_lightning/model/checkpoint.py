@@ -1,5 +1,6 @@
 """Load a checkpoint for evaluate/predict as data: weights_only=True, and the network rebuilt from
 the project's own Model code with plain numbers read from it. No `_target_` in it is followed."""
+
 from __future__ import annotations
 
 import pickle
@@ -18,26 +19,36 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"ckpt_path={path}: no such file")
     try:
         # Never retried with weights_only=False: a checkpoint that needs it could run code.
-        with warnings.catch_warnings():  # torch's note on a foreign pickle protocol: the error line says it all
+        with (
+            warnings.catch_warnings()
+        ):  # torch's note on a foreign pickle protocol: the error line says it all
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = _unpickler_reason(str(exc))
         if "global" in reason.lower():  # it names a class or function to import: code, not data
-            raise UserError(f"{path}: refused: it holds objects other than tensors and plain data, which could run "
-                            f"code when loaded ({reason})") from exc
+            raise UserError(
+                f"{path}: refused: it holds objects other than tensors and plain data, which could run "
+                f"code when loaded ({reason})"
+            ) from exc
         raise UserError(f"{path}: not a checkpoint ({reason or 'unreadable pickle'})") from exc
     except Exception as exc:
         text = " ".join(str(exc).split())[:200]
-        raise UserError(f"{path}: not a checkpoint ({type(exc).__name__}{': ' + text if text else ''})") from exc
+        raise UserError(
+            f"{path}: not a checkpoint ({type(exc).__name__}{': ' + text if text else ''})"
+        ) from exc
 
 
 def _unpickler_reason(message: str) -> str:
     """torch's own reason, without its advice to retry with weights_only=False or to allowlist globals."""
-    text = " ".join(message.split()).split("WeightsUnpickler error:")[-1]  # the reason follows this, if present
+    text = " ".join(message.split()).split("WeightsUnpickler error:")[
+        -1
+    ]  # the reason follows this, if present
     for advice in ("Please use", "Please file an issue", "Check the documentation"):
         text = text.split(advice)[0]
-    return text.split("trusted source.")[-1].strip()[:200]  # after "Weights only load failed ... trusted source."
+    return text.split("trusted source.")[-1].strip()[
+        :200
+    ]  # after "Weights only load failed ... trusted source."
 
 
 def image_rule(hp: dict, resize: str | None = None) -> tuple[int, str]:
@@ -53,18 +64,34 @@ def load_net(path: str | Path) -> tuple[ModelS | FlipAverage, list[str], dict]:
     try:
         hp = ckpt["hyper_parameters"]
         class_names = [str(c) for c in hp["class_names"]]
-        model_cfg = {k: hp["model"][k] for k in ("name", "widths", "hidden", "dropout", "num_classes",
-                                                 "init", "bn_momentum", "bn_eps")}
+        model_cfg = {
+            k: hp["model"][k]
+            for k in (
+                "name",
+                "widths",
+                "hidden",
+                "dropout",
+                "num_classes",
+                "init",
+                "bn_momentum",
+                "bn_eps",
+            )
+        }
         model_cfg["init"] = "torch"  # weights come from the checkpoint; skip the init work
         net = build_net(model_cfg, int(hp.get("image_size", 32)))
         prefix = "net."
-        state = {k[len(prefix):].replace("_orig_mod.", ""): v for k, v in ckpt["state_dict"].items()
-                 if k.startswith(prefix)}
+        state = {
+            k[len(prefix) :].replace("_orig_mod.", ""): v
+            for k, v in ckpt["state_dict"].items()
+            if k.startswith(prefix)
+        }
         net.load_state_dict(state)
         if hp["model"].get("tta_flip"):
             net = FlipAverage(net)
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"{path}: not a cifar_lightning checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise UserError(
+            f"{path}: not a cifar_lightning checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
     return net.eval(), class_names, hp

@@ -13,6 +13,7 @@ Rules that keep a replay the same step as an eager one:
   schedule changes it (the plateau cut, a few times a run) the step is captured again.
 - Randomness (dropout, augmentation) draws from the CUDA generator, which a replay advances.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,11 +27,20 @@ class GraphedStep:
     is the same step through Lightning (counted as an optimizer step there); after a replay the caller
     counts the step itself."""
 
-    def __init__(self, step: Callable, eager: Callable, optimizer: torch.optim.Optimizer, batch_size: int,
-                 warmup: int = 3, graph_type=None):
+    def __init__(
+        self,
+        step: Callable,
+        eager: Callable,
+        optimizer: torch.optim.Optimizer,
+        batch_size: int,
+        warmup: int = 3,
+        graph_type=None,
+    ):
         self.step, self.eager, self.optimizer = step, eager, optimizer
         self.batch_size, self.warmup = batch_size, warmup
-        self.graph_type = graph_type or CudaGraph  # tests on the CPU pass a stand-in that replays the call
+        self.graph_type = (
+            graph_type or CudaGraph
+        )  # tests on the CPU pass a stand-in that replays the call
         self.graph, self.inputs, self.lrs = None, None, None
         self.eager_steps = self.captures = self.replays = 0
         # Adam & co keep their step count on the device (on a GPU; the CPU stand-in leaves them as they are).
@@ -41,7 +51,9 @@ class GraphedStep:
                 group["capturable"] = True
         for state in optimizer.state.values():  # a resumed run's counters were saved on the CPU
             if torch.is_tensor(state.get("step")) and state["step"].device.type == "cpu":
-                param_device = next((v.device for v in state.values() if torch.is_tensor(v) and v.dim()), None)
+                param_device = next(
+                    (v.device for v in state.values() if torch.is_tensor(v) and v.dim()), None
+                )
                 if param_device is not None:
                     state["step"] = state["step"].to(param_device, torch.float32)
 
@@ -72,8 +84,12 @@ class GraphedStep:
         device = x.device.type
         # Under bf16-mixed, Lightning's autocast is active here (with its cast cache already off, which
         # capture needs); re-entered so that holds whatever precision plugin opened it
-        autocast = dict(device_type=device, dtype=torch.get_autocast_dtype(device),
-                        enabled=torch.is_autocast_enabled(device), cache_enabled=False)
+        autocast = dict(
+            device_type=device,
+            dtype=torch.get_autocast_dtype(device),
+            enabled=torch.is_autocast_enabled(device),
+            cache_enabled=False,
+        )
 
         def step():
             with torch.autocast(**autocast):

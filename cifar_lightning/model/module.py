@@ -1,6 +1,7 @@
 """The LightningModule: loss, torchmetrics, optimizer and plateau schedule around Model S.
 
 Hyperparameters are stored as plain dicts and lists, so checkpoints load with weights_only=True."""
+
 from __future__ import annotations
 
 import logging
@@ -27,10 +28,20 @@ GRAPH_SKIPPED_HOOKS = ("on_before_backward", "on_after_backward", "on_before_opt
 
 
 class Classifier(L.LightningModule):
-    graph_type = None  # GraphedStep's graph (a CUDA graph); tests on the CPU substitute a replayed call
+    graph_type = (
+        None  # GraphedStep's graph (a CUDA graph); tests on the CPU substitute a replayed call
+    )
 
-    def __init__(self, model: dict, optim: dict, scheduler: dict | None, class_names: list[str],
-                 monitor: str = "val/loss", image_size: int = 32, resize: str = "tf_bilinear"):
+    def __init__(
+        self,
+        model: dict,
+        optim: dict,
+        scheduler: dict | None,
+        class_names: list[str],
+        monitor: str = "val/loss",
+        image_size: int = 32,
+        resize: str = "tf_bilinear",
+    ):
         # resize (fidelity.resize) is not used here: it is kept in the checkpoint, so that evaluate and
         # predict decode images as training did
         super().__init__()
@@ -56,7 +67,10 @@ class Classifier(L.LightningModule):
         self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(2))
         # Training sums loss x images and correct images on the device, in place (a captured step adds to
         # the same tensor), and hands the epoch's means to these two at its last batch.
-        self.train_loss, self.train_acc = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
+        self.train_loss, self.train_acc = (
+            MeanMetric(nan_strategy="disable"),
+            MeanMetric(nan_strategy="disable"),
+        )
         self.train_sums: torch.Tensor | None = None
         self.train_images = 0
         self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -89,7 +103,9 @@ class Classifier(L.LightningModule):
         getattr(self, f"{stage}_acc").update(logits, y)
         return loss, logits
 
-    def train_loss_and_logits(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_loss_and_logits(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.augment is not None:
             x = self.augment(x)
         logits = self(x)
@@ -104,21 +120,29 @@ class Classifier(L.LightningModule):
         loss, logits = self.train_loss_and_logits(x, y)
         backward(loss)
         optimizer.step()
-        self.train_sums.add_(torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double()]))
+        self.train_sums.add_(
+            torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double()])
+        )
 
     def _eager_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.train_step(x, y, self.manual_backward, self.optimizers())  # Lightning's: counted, precision-aware
+        self.train_step(
+            x, y, self.manual_backward, self.optimizers()
+        )  # Lightning's: counted, precision-aware
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         if self.graphed is None:
             self._eager_step(x, y)
-        elif self.graphed(x, y):  # a replay bypasses LightningOptimizer.step, where Lightning counts global_step
+        elif self.graphed(
+            x, y
+        ):  # a replay bypasses LightningOptimizer.step, where Lightning counts global_step
             optimizer = self.optimizers()
             optimizer._on_before_step()
             optimizer._on_after_step()
         self.train_images += len(y)
-        for config in self.trainer.lr_scheduler_configs:  # manual optimization: Lightning steps none
+        for (
+            config
+        ) in self.trainer.lr_scheduler_configs:  # manual optimization: Lightning steps none
             if config.interval == "step":
                 config.scheduler.step()
         if self.trainer.is_last_batch:
@@ -133,8 +157,13 @@ class Classifier(L.LightningModule):
         the step's own kernels. Lightning computes them at the epoch's end (synced over DDP ranks)
         and resets them."""
         for name in ("loss", "acc"):  # on_epoch: the default in training_step is per step
-            self.log(f"{stage}/{name}", getattr(self, f"{stage}_{name}"), on_step=False, on_epoch=True,
-                     prog_bar=stage == "val")
+            self.log(
+                f"{stage}/{name}",
+                getattr(self, f"{stage}_{name}"),
+                on_step=False,
+                on_epoch=True,
+                prog_bar=stage == "val",
+            )
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -149,9 +178,13 @@ class Classifier(L.LightningModule):
         if self.cuda_graph and why_not:
             log.info(f"model.cuda_graph: eager steps, {why_not}")
         elif self.cuda_graph:
-            self.graphed = GraphedStep(self.train_step, self._eager_step, self.optimizers().optimizer,
-                                       batch_size=self.trainer.train_dataloader.batch_sampler.batch_size,
-                                       graph_type=self.graph_type)
+            self.graphed = GraphedStep(
+                self.train_step,
+                self._eager_step,
+                self.optimizers().optimizer,
+                batch_size=self.trainer.train_dataloader.batch_sampler.batch_size,
+                graph_type=self.graph_type,
+            )
 
     def cuda_graph_blocker(self) -> str | None:
         """Why this fit can't replay its steps as a CUDA graph, or None."""
@@ -165,7 +198,9 @@ class Classifier(L.LightningModule):
         # A replay runs no Python, so the hooks Lightning calls around backward and the optimizer step
         # would silently skip most steps (a gradient-norm logger would see only the eager ones).
         # is_overridden also sees hooks set on an instance, as LambdaCallback(on_after_backward=...) does.
-        watched = [(self, (*GRAPH_SKIPPED_HOOKS, "backward"))] + [(c, GRAPH_SKIPPED_HOOKS) for c in trainer.callbacks]
+        watched = [(self, (*GRAPH_SKIPPED_HOOKS, "backward"))] + [
+            (c, GRAPH_SKIPPED_HOOKS) for c in trainer.callbacks
+        ]
         for obj, hooks in watched:
             hook = next((h for h in hooks if is_overridden(h, obj)), None)
             if hook:
@@ -186,7 +221,9 @@ class Classifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         states = checkpoint.get("optimizer_states")  # none in a weights-only checkpoint
-        if self.graphed is not None and states:  # Adam's capturable flag, set for the graph, is saved as it was
+        if (
+            self.graphed is not None and states
+        ):  # Adam's capturable flag, set for the graph, is saved as it was
             groups = states[0]["param_groups"]  # a copy: the live optimizer keeps its own
             for group, was in zip(groups, self.graphed.capturable_was):
                 if was is not None:
@@ -220,16 +257,24 @@ class Classifier(L.LightningModule):
                 config.scheduler.step(self.trainer.callback_metrics[self.hparams.monitor])
 
     def on_train_epoch_end(self):
-        for config in self.trainer.lr_scheduler_configs:  # plateau: stepped in on_validation_epoch_end
+        for (
+            config
+        ) in self.trainer.lr_scheduler_configs:  # plateau: stepped in on_validation_epoch_end
             if config.interval == "epoch" and not isinstance(config.scheduler, ReduceLROnPlateau):
                 config.scheduler.step()
 
     def configure_optimizers(self):
-        optimizer = complete(instantiate(self.hparams.optim, "optim"), "optim", params=self.parameters())
+        optimizer = complete(
+            instantiate(self.hparams.optim, "optim"), "optim", params=self.parameters()
+        )
         scheduler_cfg = self.hparams.scheduler
         if not scheduler_cfg or scheduler_cfg.get("_target_") is None:
             return optimizer
-        scheduler, interval = build_scheduler(scheduler_cfg, optimizer, lambda: self.trainer.estimated_stepping_batches)
+        scheduler, interval = build_scheduler(
+            scheduler_cfg, optimizer, lambda: self.trainer.estimated_stepping_batches
+        )
         # interval: when training_step or the epoch's end steps it (and when LearningRateMonitor logs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
-
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
+        }

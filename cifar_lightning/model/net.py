@@ -1,5 +1,6 @@
 """Model S as a plain nn.Module: it knows nothing of Lightning, so tests, the benchmark's plain
 loop and `predict` use it directly. Input: uint8 or float images 0-255, N x 3 x 32 x 32."""
+
 from __future__ import annotations
 
 import math
@@ -14,21 +15,38 @@ INITS = ("glorot", "torch")  # model.init: Keras's glorot_uniform, or PyTorch's 
 
 
 class ModelS(nn.Module):
-    def __init__(self, widths=(32, 64, 128), hidden=256, dropout=0.5, num_classes=10, image_size=32,
-                 init="glorot", bn_momentum=0.01, bn_eps=1e-3):
+    def __init__(
+        self,
+        widths=(32, 64, 128),
+        hidden=256,
+        dropout=0.5,
+        num_classes=10,
+        image_size=32,
+        init="glorot",
+        bn_momentum=0.01,
+        bn_eps=1e-3,
+    ):
         super().__init__()
         layers, c_in = [], 3
         for width in widths:
             for _ in range(2):  # Keras order: Conv -> ReLU -> BatchNorm
-                layers += [nn.Conv2d(c_in, width, 3, padding=1), nn.ReLU(inplace=True),
-                           nn.BatchNorm2d(width, eps=bn_eps, momentum=bn_momentum)]
+                layers += [
+                    nn.Conv2d(c_in, width, 3, padding=1),
+                    nn.ReLU(inplace=True),
+                    nn.BatchNorm2d(width, eps=bn_eps, momentum=bn_momentum),
+                ]
                 c_in = width
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
         side = image_size // 2 ** len(widths)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in * side * side, hidden), nn.ReLU(inplace=True),
-            nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(c_in * side * side, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
         if init == "glorot":
             self.apply(_glorot_uniform)
         elif init != "torch":
@@ -71,9 +89,16 @@ def build_net(cfg: dict, image_size: int = 32) -> ModelS:
     """Model S from a model config's plain keys. Never reads a `_target_`: checkpoints are data."""
     if cfg.get("name") not in MODELS:
         raise UserError(f"model.name={cfg.get('name')} is not one of: {', '.join(MODELS)}")
-    net = ModelS(widths=tuple(cfg["widths"]), hidden=int(cfg["hidden"]), dropout=float(cfg["dropout"]),
-                 num_classes=int(cfg["num_classes"]), image_size=image_size, init=cfg["init"],
-                 bn_momentum=float(cfg["bn_momentum"]), bn_eps=float(cfg["bn_eps"]))
+    net = ModelS(
+        widths=tuple(cfg["widths"]),
+        hidden=int(cfg["hidden"]),
+        dropout=float(cfg["dropout"]),
+        num_classes=int(cfg["num_classes"]),
+        image_size=image_size,
+        init=cfg["init"],
+        bn_momentum=float(cfg["bn_momentum"]),
+        bn_eps=float(cfg["bn_eps"]),
+    )
     if cfg.get("channels_last"):
         net = net.to(memory_format=torch.channels_last)
     return net
@@ -83,7 +108,9 @@ def count_params(net: nn.Module) -> tuple[int, int]:
     """(trainable parameters, BatchNorm running mean + var elements), as Keras counts them.
     PyTorch's num_batches_tracked counters (one per BatchNorm) are not counted, as Keras has none."""
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    stats = sum(b.numel() for n, b in net.named_buffers() if n.endswith(("running_mean", "running_var")))
+    stats = sum(
+        b.numel() for n, b in net.named_buffers() if n.endswith(("running_mean", "running_var"))
+    )
     return trainable, stats
 
 
@@ -92,9 +119,13 @@ def summary(net: nn.Module) -> str:
     for name, m in net.named_modules():
         if len(list(m.children())) == 0:
             n = sum(p.numel() for p in m.parameters())
-            out = getattr(m, "out_channels", getattr(m, "out_features", getattr(m, "num_features", "")))
+            out = getattr(
+                m, "out_channels", getattr(m, "out_features", getattr(m, "num_features", ""))
+            )
             rows.append(f"{name + ' ' + type(m).__name__:<28}{str(out):>10}{n:>10,}")
     trainable, stats = count_params(net)
     rows.append(f"Trainable params: {trainable:,}")
-    rows.append(f"Non-trainable params: {stats:,} (BatchNorm running mean+var; Lightning's summary says 0)")
+    rows.append(
+        f"Non-trainable params: {stats:,} (BatchNorm running mean+var; Lightning's summary says 0)"
+    )
     return "\n".join(rows)
