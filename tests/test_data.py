@@ -1,5 +1,11 @@
+"""The data package (data/): per-directory batching and each DDP rank's share of a batch, the
+decoded-image cache (cached and per-file paths agree; invalidation; concurrent writers; a torn
+file), class folders, decoding and resizing, bad files, and the evaluation batch size."""
+
+import multiprocessing as mp
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,7 +14,7 @@ from PIL import Image
 
 from cifar_lightning.data.cache import load_split
 from cifar_lightning.data.datamodule import CifarDataModule
-from cifar_lightning.data.folder import KerasImageFolder, decode
+from cifar_lightning.data.folder import KerasImageFolder, check_same_classes, decode
 from cifar_lightning.data.sampler import DirectoryBatchSampler
 from cifar_lightning.errors import UserError
 from tests.conftest import CLASSES, cfg_for, make_layout, write_images
@@ -20,12 +26,8 @@ def test_per_directory_batching_gives_628_steps():
     assert len(batches) == len(s) == 628
     assert sorted(i for b in batches for i in b) == list(range(40_000))
     assert all(len({i // 10_000 for i in b}) == 1 for b in batches)  # no batch mixes directories
-    assert sorted(len(b) for b in batches)[:4] == [
-        16,
-        16,
-        16,
-        16,
-    ]  # each directory's last batch kept
+    # each directory's last batch kept
+    assert sorted(len(b) for b in batches)[:4] == [16, 16, 16, 16]
     assert len(DirectoryBatchSampler([10_000] * 4, 64, "random").batches()) == 625
 
 
@@ -102,17 +104,15 @@ def test_resize_rule_rebuilds_the_cache_only_when_an_image_was_resized(tmp_path,
     monkeypatch.setattr(
         cache, "read_rgb", lambda p: built.append(p) or decode(p).permute(1, 2, 0).numpy()
     )
-    load_split(
-        KerasImageFolder(root / "valid"), 32, "pil_bilinear"
-    )  # all 32x32: same pixels, no rebuild
+    # all 32x32: same pixels, no rebuild
+    load_split(KerasImageFolder(root / "valid"), 32, "pil_bilinear")
     assert built == []
     monkeypatch.undo()
     write_images(root / "valid" / CLASSES[0], 1, 0, size=48)  # one image that must be resized
     tf = load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")[0]
     pil = load_split(KerasImageFolder(root / "valid"), 32, "pil_bilinear")[0]
-    assert not torch.equal(tf[0], pil[0]) and torch.equal(
-        tf[1:], pil[1:]
-    )  # only the resized image differs
+    # only the resized image differs
+    assert not torch.equal(tf[0], pil[0]) and torch.equal(tf[1:], pil[1:])
     assert len(list(root.glob(".cache-valid-*.pt"))) == 1
 
 
@@ -124,6 +124,39 @@ def test_class_mismatch_between_splits_names_classes_and_splits(tmp_path):
     dm = CifarDataModule(str(root), train_dirs=["train_1"])
     with pytest.raises(UserError, match=r"\['099_extra'\] only in train_1"):
         dm.setup()
+
+
+def test_class_check_names_the_classes_or_the_order_that_differ():
+    assert check_same_classes({"a": ["x", "y"], "b": ["x", "y"]}) == ["x", "y"]
+    with pytest.raises(UserError, match=r"splits a and c: \['y'\] only in a; \['z'\] only in c$"):
+        check_same_classes({"a": ["x", "y"], "b": ["x", "y"], "c": ["x", "z"]})
+    with pytest.raises(UserError, match=r"order \['x', 'y'\] vs \['y', 'x'\]$"):
+        check_same_classes({"a": ["x", "y"], "b": ["y", "x"]})
+
+
+def test_class_names_are_the_first_train_directory_s_folders_before_setup(tmp_path, monkeypatch):
+    # What train sizes the model by, read before setup() decodes anything, by the rule setup uses.
+    root = make_layout(
+        tmp_path / "d", classes=CLASSES[:3], splits={"train_1": 1, "valid": 1, "test": 1}
+    )
+    make_layout(root, classes=CLASSES[1:3], splits={"train_2": 1})
+    write_images(root / "train_1" / ".ipynb_checkpoints", 1, 0)  # hidden: not a class
+    (root / "train_1" / "notes.txt").write_text("not a class")
+    dm = CifarDataModule(str(root), source="unused", train_dirs=["train_1", "train_2"])
+    dm.prepare_data()
+    monkeypatch.setattr(KerasImageFolder, "__init__", lambda *a, **k: pytest.fail("decoded"))
+    assert dm.class_names() == CLASSES[:3]
+    assert (
+        CifarDataModule(str(root), train_dirs=["train_2", "train_1"]).class_names()
+        == (CLASSES[1:3])
+    )
+    monkeypatch.undo()
+    dm = CifarDataModule(str(root), train_dirs=["train_1"])
+    dm.setup()
+    assert dm.classes == dm.class_names()
+    (root / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty: no class folders"):
+        CifarDataModule(str(root), train_dirs=["empty"]).class_names()
 
 
 def test_hidden_folders_and_stray_files_are_ignored(tmp_path):
@@ -219,7 +252,7 @@ def test_eval_batch_size_auto_is_the_train_batch_on_the_cpu_and_1024_on_a_gpu():
 
 
 def test_validation_and_test_loaders_use_the_eval_batch_size(tiny_layout, tmp_path):
-    from cifar_lightning.wiring import build_datamodule
+    from cifar_lightning.build import build_datamodule
 
     dm = build_datamodule(
         cfg_for(tmp_path, tiny_layout, "data.batch_size=8", "data.eval_batch_size=3")
@@ -227,15 +260,14 @@ def test_validation_and_test_loaders_use_the_eval_batch_size(tiny_layout, tmp_pa
     dm.setup("fit")
     assert [len(b) for b in dm.val_dataloader().batch_sampler] == [3] * 6 + [2]  # 20 images
     assert len(dm.test_dataloader().batch_sampler) == 10  # 30 images
-    assert {len(b) for b in dm.train_dataloader().batch_sampler} == {
-        8,
-        4,
-    }  # 20 per directory: 8, 8, 4
+    # 20 per directory: 8, 8, 4
+    assert {len(b) for b in dm.train_dataloader().batch_sampler} == {8, 4}
 
 
 def test_validation_and_test_results_do_not_depend_on_the_eval_batch_size(tiny_layout, tmp_path):
-    # Per-image means: batches of 3 or of 1,000 images give the same metrics up to float rounding, and the
-    # same predictions in the same file order. Training batches are the same, so training is too.
+    # Per-image means: batches of 3 or of 1,000 images give the same metrics up to float rounding,
+    # and the same predictions in the same file order. Training batches are the same, so training
+    # is too.
     import csv
     import json
 
@@ -266,3 +298,42 @@ def test_validation_and_test_results_do_not_depend_on_the_eval_batch_size(tiny_l
         assert float(a["val_acc"]) == pytest.approx(float(b["val_acc"]), abs=1e-6)
     assert p3 == p1000 and len(p3) == 30
     assert m3["test_accuracy"] == pytest.approx(m1000["test_accuracy"], abs=1e-9)
+
+
+def test_ddp_ranks_share_the_global_batch(tiny_layout):
+    # data.batch_size is the global batch: under DDP the ranks' chunks of a step put together are
+    # the one-process batch (same images, same labels), so each image is seen once per epoch.
+    def loaders(rank, world):
+        dm = CifarDataModule(str(tiny_layout), source="unused", batch_size=8, cache=True)
+        dm.trainer = SimpleNamespace(
+            strategy=SimpleNamespace(root_device=torch.device("cpu")),
+            global_rank=rank,
+            world_size=world,
+        )
+        dm.setup()
+        return dm, list(dm.train_dataloader())
+
+    dm, single = loaders(0, 1)
+    (_, rank0), (_, rank1) = loaders(0, 2), loaders(1, 2)
+    assert len(rank0) == len(rank1) == len(single)
+    for (x0, y0), (x1, y1), (x, y) in zip(rank0, rank1, single):
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    n_train = sum(len(KerasImageFolder(tiny_layout / d)) for d in dm.train_dirs)
+    assert max(len(y) for _, y in single) == 8
+    assert sum(len(y0) + len(y1) for (_, y0), (_, y1) in zip(rank0, rank1)) == n_train
+
+
+def _cache(root):
+    images, labels, _ = load_split(KerasImageFolder(root), 32, "tf_bilinear")
+    return images.sum().item(), len(labels)
+
+
+def test_concurrent_caching_and_a_torn_cache_file(tmp_path):
+    root = make_layout(tmp_path / "d", classes=CLASSES[:3], splits={"valid": 20}) / "valid"
+    with mp.get_context("spawn").Pool(2) as pool:
+        a, b = pool.map(_cache, [root, root])
+    assert a == b and len(list(root.parent.glob(".cache-valid-*.pt"))) == 1
+    cache = next(root.parent.glob(".cache-valid-*.pt"))
+    cache.write_bytes(cache.read_bytes()[:1000])  # as if a writer had crashed mid-file
+    assert _cache(root) == a  # rebuilt, not trusted
+    assert not list(root.parent.glob("*.tmp"))

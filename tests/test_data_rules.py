@@ -10,18 +10,18 @@ import torch
 from PIL import Image
 
 import cifar_lightning.data.cache as cache
+from cifar_lightning.build import build_datamodule
 from cifar_lightning.data.cache import load_split
 from cifar_lightning.data.folder import KerasImageFolder, decode
 from cifar_lightning.data.sampler import DirectoryBatchSampler
-from cifar_lightning.wiring import build_datamodule
 from tests.conftest import CLASSES, SPLITS, RunsCode, cfg_for, make_layout, write_images
 
 TRAIN_DIRS = ["train_1", "train_2", "train_3", "train_4"]
 
 
 def test_keras_extensions_case_insensitive_and_recursive(tmp_path):
-    # Keras takes .bmp .gif .jpeg .jpg .png in any case, in sub-folders too; ImageFolder's list differs
-    # (no .gif, but .tif/.webp), so a wrong rule silently drops or adds training images.
+    # Keras takes .bmp .gif .jpeg .jpg .png in any case, in sub-folders too; ImageFolder's list
+    # differs (no .gif, but .tif/.webp), so a wrong rule silently drops or adds training images.
     cls = tmp_path / "split" / CLASSES[0]
     (cls / "sub" / "deeper").mkdir(parents=True)
     rgb = Image.fromarray(np.full((32, 32, 3), 90, np.uint8))
@@ -54,8 +54,8 @@ def _directory(i, sizes):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_batch_order_is_shuffled_across_directories(seed):
-    # The notebook shuffles the concatenated batches (buffer 1000 > 628): directory 0's batches are not
-    # all served first, which would make every epoch drift from one directory to the next.
+    # The notebook shuffles the concatenated batches (buffer 1000 > 628): directory 0's batches are
+    # not all served first, which would make every epoch drift from one directory to the next.
     sizes = [100] * 4
     dirs = [_directory(b[0], sizes) for b in DirectoryBatchSampler(sizes, 8, seed=seed).batches()]
     assert dirs != sorted(dirs)
@@ -86,9 +86,10 @@ def _train_batches(cfg):
 
 
 def test_configured_batching_reaches_the_train_loader(tiny_layout, tmp_path):
-    # 20 images per train directory at batch 8: Keras batches each directory alone, 4 x ceil(20/8) = 12
-    # steps with a 4-image batch per directory and no batch mixing two; fidelity=torch is one random
-    # permutation of all 80: ceil(80/8) = 10 steps. Both must come from the composed config.
+    # 20 images per train directory at batch 8: Keras batches each directory alone,
+    # 4 x ceil(20/8) = 12 steps with a 4-image batch per directory and no batch mixing two;
+    # fidelity=torch is one random permutation of all 80: ceil(80/8) = 10 steps. Both must come
+    # from the composed config.
     n = SPLITS["train_1"] * len(CLASSES)
     assert n % 8 != 0
     steps, dirs, sizes = _train_batches(cfg_for(tmp_path, tiny_layout, "data.batch_size=8"))
@@ -136,7 +137,7 @@ def test_same_bytes_with_new_mtime_rebuild_the_cache(tmp_path, monkeypatch):
 
 
 def test_new_size_with_same_mtime_rebuilds_the_cache(tmp_path):
-    # A copy that keeps timestamps (cp -p, rsync -t, tar) can change a file without changing its mtime.
+    # A copy keeping timestamps (cp -p, rsync -t, tar) can change a file without changing its mtime.
     root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"valid": 2})
     load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")
     target = root / "valid" / CLASSES[0] / "0000.png"
@@ -150,9 +151,9 @@ def test_new_size_with_same_mtime_rebuilds_the_cache(tmp_path):
 
 
 def test_failed_cache_write_keeps_the_old_cache_and_no_temp_file(tmp_path, monkeypatch):
-    # A failure (disk full) while saving must leave the previous cache readable, not a torn file; the run
-    # goes on with the images it decoded. Switching the resize rule with a resized image rebuilds the
-    # cache under the same file name.
+    # A failure (disk full) while saving must leave the previous cache readable, not a torn file;
+    # the run goes on with the images it decoded. Switching the resize rule with a resized image
+    # rebuilds the cache under the same file name.
     root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"valid": 2})
     write_images(root / "valid" / CLASSES[0], 1, 0, size=48)
     images, _, _ = load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")
@@ -172,9 +173,8 @@ def test_failed_cache_write_keeps_the_old_cache_and_no_temp_file(tmp_path, monke
     ):
         resized, _, _ = load_split(KerasImageFolder(root / "valid"), 32, "pil_bilinear")
     monkeypatch.undo()
-    assert sorted(p.name for p in root.iterdir()) == sorted(
-        [old.name, "valid"]
-    )  # no temp file left
+    # no temp file left
+    assert sorted(p.name for p in root.iterdir()) == sorted([old.name, "valid"])
     assert old.read_bytes() == before
     assert torch.equal(torch.load(old, weights_only=True)["images"], images)
     assert torch.equal(resized, load_split(KerasImageFolder(root / "valid"), 32, "pil_bilinear")[0])
@@ -182,7 +182,8 @@ def test_failed_cache_write_keeps_the_old_cache_and_no_temp_file(tmp_path, monke
 
 
 def test_read_only_data_folder_trains_from_the_decoded_images(tmp_path, monkeypatch):
-    # A shared, read-only dataset: the cache can't be written beside it, so each run decodes, and says so.
+    # A shared, read-only dataset: no cache can be written beside it, so each run decodes, and says
+    # so.
     root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"valid": 2})
     expected = load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")
     for f in root.glob(".cache-*"):
@@ -208,7 +209,8 @@ def test_read_only_data_folder_trains_from_the_decoded_images(tmp_path, monkeypa
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_cache_file_permissions_follow_the_umask(tmp_path, umask, mode):
-    # Atomic writes go through mkstemp, which makes 0600: others sharing the dataset could not read the cache.
+    # Atomic writes go through mkstemp, which makes 0600 files: others sharing the dataset could
+    # not read the cache.
     root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"valid": 2})
     was = os.umask(umask)
     try:
@@ -220,8 +222,8 @@ def test_cache_file_permissions_follow_the_umask(tmp_path, umask, mode):
 
 
 def test_cache_file_that_would_run_code_is_rebuilt_not_run(tmp_path, monkeypatch):
-    # The cache sits beside the data, which may come from elsewhere: it is loaded with weights_only=True,
-    # so a planted pickle is an unreadable cache (rebuilt), never code that runs.
+    # The cache sits beside the data, which may come from elsewhere: it is loaded with
+    # weights_only=True, so a planted pickle is an unreadable cache (rebuilt), never code that runs.
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED_MARKER", str(marker))
     root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"valid": 2})

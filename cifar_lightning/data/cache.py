@@ -83,12 +83,10 @@ def load_split(
             },
             path,
         )
-    except (
-        OSError
-    ) as exc:  # a read-only or full disk: this run has its images, only the next one pays
+    except OSError as exc:  # a read-only or full disk: this run has its images, the next one pays
         warnings.warn(
-            f"{path}: cache not saved ({exc.strerror or exc}); the next run decodes {root.name} again "
-            f"(make {root.parent} writable, or set data.cache=false)",
+            f"{path}: cache not saved ({exc.strerror or exc}); the next run decodes {root.name} "
+            f"again (make {root.parent} writable, or set data.cache=false)",
             stacklevel=2,
         )
         return images, labels, paths
@@ -112,9 +110,8 @@ def _atomic_save(obj, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
-        os.chmod(
-            tmp, 0o666 & ~_umask()
-        )  # mkstemp makes 0600: others who may read the data may read its cache
+        # mkstemp makes 0600: others who may read the data may read its cache
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

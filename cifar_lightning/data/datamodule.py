@@ -2,7 +2,8 @@
 
 Two paths, identical batches (same DirectoryBatchSampler):
   cache=true   decode each split once into a uint8 tensor (CPU, or GPU memory when training on
-               one); batches are gathered by index, no worker processes. For data that fits in memory.
+               one); batches are gathered by index, no worker processes. For data that fits in
+               memory.
   cache=false  torchvision ImageFolder + DataLoader workers decode with PIL every epoch. For data
                that does not fit in memory.
 Both yield uint8 images; the network does the 1/255 rescaling."""
@@ -17,7 +18,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm import tqdm
 
 from cifar_lightning.data.cache import load_split, warn_skipped
-from cifar_lightning.data.folder import KerasImageFolder
+from cifar_lightning.data.folder import KerasImageFolder, check_same_classes, require_classes
 from cifar_lightning.data.prepare import ensure_layout
 from cifar_lightning.data.sampler import DirectoryBatchSampler
 from cifar_lightning.errors import UserError
@@ -38,8 +39,9 @@ class TensorImages(Dataset):
     def __getitems__(self, indices):
         idx = torch.as_tensor(indices)
         if self.images.is_cuda:
-            # A plain copy to the GPU waits for every queued kernel (a host-GPU sync per batch), so the
-            # host could not queue step n+1 while the GPU runs step n. Pinned + non_blocking does not wait.
+            # A plain copy to the GPU waits for every queued kernel (a host-GPU sync per batch), so
+            # the host could not queue step n+1 while the GPU runs step n. Pinned + non_blocking
+            # does not wait.
             idx = idx.pin_memory().to(self.images.device, non_blocking=True)
         return self.images[idx], self.labels[idx]
 
@@ -49,33 +51,13 @@ def _whole_batch(batch):
 
 
 def eval_batch_size(setting, batch_size: int, device: torch.device) -> int:
-    """data.eval_batch_size: auto is batch_size on the CPU, where Model S evaluates fastest at 64, and
-    1024 on a GPU, where batches of 64 are launch-bound (16x the launches for the same images).
-    Validation and test metrics are per-image means, so the size changes them only by float rounding."""
+    """data.eval_batch_size: auto is batch_size on the CPU, where Model S evaluates fastest at 64,
+    and 1024 on a GPU, where batches of 64 are launch-bound (16x the launches for the same images).
+    Validation and test metrics are per-image means, so the size changes them only by float
+    rounding."""
     if setting == "auto":
         return max(batch_size, 1024) if device.type == "cuda" else batch_size
     return int(setting)
-
-
-def check_same_classes(splits: dict[str, list[str]]) -> list[str]:
-    """All splits must have the same class folders; else name the classes and the splits."""
-    (first, classes), *rest = splits.items()
-    for name, other in rest:
-        if other != classes:
-            only_first, only_other = (
-                sorted(set(classes) - set(other)),
-                sorted(set(other) - set(classes)),
-            )
-            detail = []
-            if only_first:
-                detail.append(f"{only_first} only in {first}")
-            if only_other:
-                detail.append(f"{only_other} only in {name}")
-            raise UserError(
-                f"class folders differ between splits {first} and {name}: "
-                + ("; ".join(detail) or f"order {classes} vs {other}")
-            )
-    return classes
 
 
 class CifarDataModule(L.LightningDataModule):
@@ -97,6 +79,9 @@ class CifarDataModule(L.LightningDataModule):
         eval_batch_size: int | str = "auto",
     ):
         super().__init__()
+        # how images are decoded goes into every checkpoint, so evaluate and predict decode theirs
+        # the same way (checkpoint.image_rule)
+        self.save_hyperparameters("image_size", "resize")
         self.root, self.source = Path(root), source
         self.train_dirs, self.val_dir, self.test_dir = list(train_dirs), val_dir, test_dir
         self.batch_size, self.image_size, self.cache = batch_size, image_size, cache
@@ -104,9 +89,8 @@ class CifarDataModule(L.LightningDataModule):
         self.batching, self.resize, self.seed = batching, resize, seed
         self.eval_batch_size = eval_batch_size
         self.classes: list[str] | None = None
-        self._data: dict[
-            str, tuple[Dataset, list[int]]
-        ] = {}  # role -> (dataset, size of each directory)
+        # role -> (dataset, size of each directory)
+        self._data: dict[str, tuple[Dataset, list[int]]] = {}
         self.paths: dict[str, list[str]] = {}  # per split, in loader order (for predictions.csv)
 
     @property
@@ -115,6 +99,13 @@ class CifarDataModule(L.LightningDataModule):
 
     def prepare_data(self):
         ensure_layout(self.root, self.source, self.split_names)
+
+    def class_names(self) -> list[str]:
+        """The class folders of the first train directory, by Keras's rule (folder.find_classes;
+        none at all is an error): what the model's outputs are sized and named by. Call it after
+        prepare_data(), before the model is built; it decodes nothing. setup() then checks that
+        every split has these same folders."""
+        return require_classes(self.root / self.train_dirs[0])
 
     def _folder(self, name: str) -> KerasImageFolder:
         return KerasImageFolder(self.root / name, self.image_size, self.resize, self.skip_bad_files)
@@ -134,7 +125,8 @@ class CifarDataModule(L.LightningDataModule):
                 splits[name] = check_images(folder)
                 self.paths[name] = [p for p, _ in folder.samples]
         # Built once per role: the train directories are concatenated here, not in every
-        # train_dataloader() call, and the cached tensors exist once (on the GPU when training there).
+        # train_dataloader() call, and the cached tensors exist once (on the GPU when training
+        # there).
         for role, names in (
             ("train", self.train_dirs),
             ("val", [self.val_dir]),
@@ -170,7 +162,8 @@ class CifarDataModule(L.LightningDataModule):
             return DataLoader(
                 dataset, batch_sampler=sampler, collate_fn=_whole_batch, num_workers=0
             )
-        # Pinned batches let Lightning's copy to the GPU (non_blocking) run without the host waiting.
+        # Pinned batches let Lightning's copy to the GPU (non_blocking) run without the host
+        # waiting.
         return DataLoader(
             dataset,
             batch_sampler=sampler,

@@ -16,12 +16,10 @@ from torchvision.datasets import ImageFolder
 
 from cifar_lightning.errors import UserError
 
-# Keras image_dataset_from_directory's extensions (ImageFolder's differ: no .gif, extra .tif/.webp...)
+# Keras image_dataset_from_directory's extensions (ImageFolder's differ: no .gif, extra .tif...)
 EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
-RESIZES = (
-    "tf_bilinear",
-    "pil_bilinear",
-)  # fidelity.resize: tf.image.resize, or PIL's (antialiased)
+# fidelity.resize: tf.image.resize's bilinear, or PIL's (antialiased when shrinking)
+RESIZES = ("tf_bilinear", "pil_bilinear")
 MAX_PIXELS = 64_000_000  # larger canvases are refused from the header, before any decoding
 
 
@@ -33,6 +31,33 @@ def find_classes(directory: str | Path) -> list[str]:
     return sorted(
         e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith(".")
     )
+
+
+def require_classes(directory: str | Path) -> list[str]:
+    """find_classes, where a folder without any class folder is an error naming it."""
+    classes = find_classes(directory)
+    if not classes:
+        raise UserError(f"{directory}: no class folders (expected e.g. {directory}/000_airplane/)")
+    return classes
+
+
+def check_same_classes(splits: dict[str, list[str]]) -> list[str]:
+    """All splits must have the same class folders; else name the classes and the splits."""
+    (first, classes), *rest = splits.items()
+    for name, other in rest:
+        if other != classes:
+            only_first = sorted(set(classes) - set(other))
+            only_other = sorted(set(other) - set(classes))
+            detail = []
+            if only_first:
+                detail.append(f"{only_first} only in {first}")
+            if only_other:
+                detail.append(f"{only_other} only in {name}")
+            raise UserError(
+                f"class folders differ between splits {first} and {name}: "
+                + ("; ".join(detail) or f"order {classes} vs {other}")
+            )
+    return classes
 
 
 def decode(path: str | Path, size: int = 32, resize: str = "tf_bilinear") -> torch.Tensor:
@@ -113,11 +138,7 @@ class KerasImageFolder(ImageFolder):
             raise UserError(f"{root}: {exc}") from exc
 
     def find_classes(self, directory):
-        classes = find_classes(directory)
-        if not classes:
-            raise UserError(
-                f"{directory}: no class folders (expected e.g. {directory}/000_airplane/)"
-            )
+        classes = require_classes(directory)
         return classes, {c: i for i, c in enumerate(classes)}
 
     @staticmethod

@@ -1,6 +1,6 @@
-"""The notebook's "Group Datasets" step: build root/{train_1..4,valid,test}/<NNN_class>/ from a source.
+"""The notebook's "Group Datasets" step: build root/{train_1..4,valid,test}/<NNN_class>/.
 
-    python -m cifar_lightning.prepare data.root=data/cifar10 data.source=../shared/data/cifar10-jpeg.tar.gz
+    python -m cifar_lightning.prepare data.root=data/cifar10 data.source=PATH/TO/cifar10-jpeg.tar.gz
 
 Sources: "download" (torchvision, md5-checked), the official cifar-10-python.tar.gz (checksum-
 verified before anything is unpickled), or image folders train/<class>/ + test/<class>/ as a
@@ -8,27 +8,29 @@ verified before anything is unpickled), or image folders train/<class>/ + test/<
 image folders, per class in file-name order, the first 4/5 go to train_1..4 in four equal runs
 (files 0-3999, 1,000 each, for CIFAR-10) and the rest to valid. The layout is built beside the
 target and renamed into place under a lock, so an interrupted or concurrent prepare never leaves
-a half-built root."""
+a half-built root; the next prepare removes the building folder an interrupted one left."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
+import logging
 import os
 import re
 import shutil
 import tarfile
 import tempfile
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 from tqdm import tqdm
 
-from cifar_lightning.data.folder import EXTENSIONS, find_classes
+from cifar_lightning.data.folder import EXTENSIONS, check_same_classes, find_classes
 from cifar_lightning.errors import UserError
+
+log = logging.getLogger(__name__)
 
 TRAIN_DIRS = ["train_1", "train_2", "train_3", "train_4"]
 
@@ -38,7 +40,14 @@ def has_layout(root: Path, splits: list[str]) -> bool:
 
 
 def ensure_layout(root: str | Path, source: str, splits: list[str]) -> Path:
-    """Return root, building it from source first if it lacks the layout."""
+    """Return root, building it from source first if it lacks the layout.
+
+    A root that has the layout is returned without taking the lock (a read-only dataset needs
+    no lock file). Otherwise the build runs under the lock file .ROOT.lock beside root: a
+    concurrent prepare waits, then finds the layout built. With the lock held, building folders
+    .ROOT.building-* that an interrupted prepare left beside root are removed first (each one
+    logged): every builder holds the lock until its own folder is gone, so none of them is in
+    use. Any failure while building is one UserError naming both data.root and data.source."""
     root = Path(root)
     if has_layout(root, splits):
         return root
@@ -52,9 +61,18 @@ def ensure_layout(root: str | Path, source: str, splits: list[str]) -> Path:
             f"data.root={root} exists but lacks {missing}; point data.root at a full layout "
             "or at a new directory to build one there"
         )
+
+    def failed(detail: str) -> UserError:
+        # A mistyped data.root also lands here; naming it keeps that from reading as a bad source.
+        return UserError(
+            f"data.root={root} has no layout ({', '.join(splits)}), and building it from "
+            f"data.source={source} failed: {detail}"
+        )
+
     try:  # a read-only or full disk, a folder we may not write: one line naming the file
         root.parent.mkdir(parents=True, exist_ok=True)
         with _lock(root.parent / f".{root.name}.lock"):
+            _remove_stale_builds(root)
             if has_layout(root, splits):  # another process built it while we waited
                 return root
             tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.building-"))
@@ -65,24 +83,44 @@ def ensure_layout(root: str | Path, source: str, splits: list[str]) -> Path:
                 os.rename(tmp / "layout", root)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+    except UserError as exc:
+        # build()'s messages start with the source to stand alone; here failed() names it once.
+        raise failed(str(exc).removeprefix(f"data.source={source}: ")) from exc
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
-        raise UserError(
-            f"data.root={root}: building the layout failed: {exc.strerror or exc}{where}"
-        ) from exc
+        raise failed(f"{exc.strerror or exc}{where}") from exc
     if not has_layout(root, splits):
-        raise UserError(f"data.source={source} did not give the splits {splits} under {root}")
+        built = sorted(p.name for p in root.iterdir() if p.is_dir())
+        missing = [s for s in splits if not (root / s).is_dir()]
+        raise failed(
+            f"it built {built}, without {missing} (see data.train_dirs, data.val_dir, "
+            "data.test_dir)"
+        )
     return root
 
 
-@contextmanager
-def _lock(path: Path):
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+def _lock(path: Path) -> FileLock:
+    """An exclusive lock on path, waiting as long as another process holds it. filelock locks on
+    every OS (fcntl is POSIX-only); the OS releases a process's lock when it dies, so a killed
+    prepare does not block the next one."""
+    return FileLock(path)
+
+
+def _remove_stale_builds(root: Path) -> None:
+    """Remove the .ROOT.building-* folders beside root. Call only with root's lock held."""
+    prefix = f".{root.name}.building-"
+    for path in root.parent.iterdir():
+        rest = path.name[len(prefix) :] if path.name.startswith(prefix) else ""
+        # mkdtemp's random part has no ".": a root named "ROOT.building-x" has its own lock,
+        # and its folders .ROOT.building-x.building-* are not ours to remove.
+        if not re.fullmatch(r"\w+", rest) or path.is_symlink() or not path.is_dir():
+            continue
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            shutil.rmtree(path)
+        except OSError as exc:  # left in place costs only disk space: the build goes on
+            log.warning(f"could not remove {path}, left by an interrupted preparation: {exc}")
+        else:
+            log.info(f"removed {path}, left by an interrupted preparation")
 
 
 def build(source: str, out: Path, work: Path) -> None:
@@ -102,9 +140,8 @@ def build(source: str, out: Path, work: Path) -> None:
             names = tar.getnames()
             if any(n.startswith("cifar-10-batches-py") for n in names):
                 verify_official_archive(path)  # before anything is extracted or unpickled
-            tar.extractall(
-                work / "src", filter="data"
-            )  # "data" refuses absolute paths, .. and devices
+            # filter="data" refuses absolute paths, .. and devices
+            tar.extractall(work / "src", filter="data")
     except tarfile.FilterError as exc:  # the member is named; nothing outside work/ was written
         raise UserError(f"data.source={source}: refused: {exc}") from exc
     except (tarfile.TarError, EOFError, zlib.error) as exc:
@@ -122,10 +159,11 @@ def download(work: Path) -> Path:
     try:
         CIFAR10(str(work / "download"), download=True)  # md5-checked by torchvision
     except Exception as exc:
+        reason = " ".join(str(exc).split())[:200]
         raise UserError(
-            f"could not download CIFAR-10 from {CIFAR10.url} ({' '.join(str(exc).split())[:200]}); "
-            "offline? use data.source=PATH to cifar-10-python.tar.gz or to an image-folder archive "
-            "such as ../shared/data/cifar10-jpeg.tar.gz"
+            f"could not download CIFAR-10 from {CIFAR10.url} ({reason}); offline? use "
+            "data.source=PATH/TO/cifar-10-python.tar.gz or an image-folder archive such as "
+            "PATH/TO/cifar10-jpeg.tar.gz"
         ) from exc
     return work / "download"
 
@@ -177,7 +215,8 @@ def _find_split_dirs(base: Path) -> tuple[Path, Path]:
         if (cand / "train").is_dir() and (cand / "test").is_dir():
             return cand / "train", cand / "test"
     raise UserError(
-        f"{base}: no train/ and test/ image folders found (expected train/<class>/ and test/<class>/)"
+        f"{base}: no train/ and test/ image folders found "
+        "(expected train/<class>/ and test/<class>/)"
     )
 
 
@@ -186,8 +225,6 @@ def _images(d: Path) -> list[Path]:
 
 
 def from_image_folders(base: Path, out: Path) -> None:
-    from cifar_lightning.data.datamodule import check_same_classes
-
     train_dir, test_dir = _find_split_dirs(base)
     classes = check_same_classes(
         {str(train_dir): find_classes(train_dir), str(test_dir): find_classes(test_dir)}
@@ -198,7 +235,8 @@ def from_image_folders(base: Path, out: Path) -> None:
         run = len(files) * 4 // 5 // 4  # files per train directory: 1,000 of 5,000
         if run == 0:
             raise UserError(
-                f"{train_dir / cls}: {len(files)} images, too few to split into train_1..4 and valid"
+                f"{train_dir / cls}: {len(files)} images, "
+                "too few to split into train_1..4 and valid"
             )
         parts = {d: files[k * run : (k + 1) * run] for k, d in enumerate(TRAIN_DIRS)}
         parts["valid"], parts["test"] = files[4 * run :], _images(test_dir / cls)

@@ -5,10 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Sampler
 
-BATCHINGS = (
-    "per_directory",
-    "random",
-)  # fidelity.batching for training; "sequential" serves val/test
+BATCHINGS = ("per_directory", "random")  # fidelity.batching for training; "sequential": val/test
 
 
 class DirectoryBatchSampler(Sampler[list[int]]):
@@ -20,7 +17,8 @@ class DirectoryBatchSampler(Sampler[list[int]]):
     Each epoch reshuffles from (seed, epoch). With world_size > 1 (DDP) every batch is split into
     world_size contiguous chunks and each rank takes its own: data.batch_size stays the global
     batch, every rank takes the same number of steps, and each image is seen once per epoch.
-    DDP averages the ranks' gradients, which equals the single-process step when chunks are equal."""
+    DDP averages the ranks' gradients, which equals the single-process step when chunks are
+    equal."""
 
     def __init__(
         self,
@@ -61,10 +59,10 @@ class DirectoryBatchSampler(Sampler[list[int]]):
 
     def _chunk(self, batch: list[int]) -> list[int]:
         n, w, r = len(batch), self.world_size, self.rank
-        if n < w:  # every rank must take a step: ranks past the batch repeat its last image, so the
-            return [
-                batch[min(r, n - 1)]
-            ]  # repeats come last when the ranks' chunks are put together
+        if n < w:
+            # Every rank must take a step: ranks past the batch repeat its last image, so the
+            # repeats come last when the ranks' chunks are put together.
+            return [batch[min(r, n - 1)]]
         return batch[r * n // w : (r + 1) * n // w]
 
     def __iter__(self):
