@@ -1,25 +1,28 @@
-"""Time one training epoch + validation three ways, on the same machine, data, network and optimizer.
+"""Time one training epoch + validation three ways, on the same machine, data, network and
+optimizer.
 
-    python -m cifar_lightning.bench                                   # a, b, c; full epochs on data/cifar10
-    python -m cifar_lightning.bench pipelines=[a,c] max_steps=50      # quick: 50 training steps per timed epoch
-    python -m cifar_lightning.bench rounds=5 max_steps=150            # a noisy machine: median of 5 interleaved rounds
-    python -m cifar_lightning.bench data.root=/tmp/real/cifar10 pipelines=[a] batch_sizes=[64,256] fractions=[]
-    python -m cifar_lightning.bench trainer=gpu                       # (c) at 32-true and bf16-mixed side by side
-    python -m cifar_lightning.bench pipelines=[c] compile_c=[false,true]  # does torch.compile pay off in 30 epochs?
-    python -m cifar_lightning.bench trainer=gpu pipelines=[a,c] cuda_graph_c=[false,true]  # eager vs graphed steps
+    cifar-bench                                    # a, b, c; full epochs on data/cifar10
+    cifar-bench pipelines=[a,c] max_steps=50       # quick: 50 training steps per timed epoch
+    cifar-bench rounds=5 max_steps=150             # a busy machine: median of 5 interleaved rounds
+    cifar-bench pipelines=[a] batch_sizes=[64,256] fractions=[]
+    cifar-bench trainer=gpu                        # (c) at 32-true and bf16-mixed side by side
+    cifar-bench pipelines=[c] compile_c=[false,true]   # does torch.compile pay off in 30 epochs?
+    cifar-bench trainer=gpu pipelines=[a,c] cuda_graph_c=[false,true]   # eager vs graphed steps
 
   a  plain PyTorch loop over the cached uint8 tensor (in GPU memory when there is a GPU): the limit
   b  a straightforward Lightning pipeline: ImageFolder + ToTensor + DataLoader(shuffle, workers)
-  c  cifar_lightning's own, as train runs it: Classifier + CifarDataModule + Trainer with the configured
-     callbacks (checkpoints, early stopping, progress bar, history) and logger, at each `precision` x `compile_c`
-     x `cuda_graph_c`
-(a) and (b) train with plain cross-entropy: model.augment/l2/label_smoothing (off by default) apply to
-(c) alone. Every pipeline starts from the same seed and is warmed up for `warmup_steps` (untimed); a compiled
-(c) for a whole untimed epoch, so the clock never meets a batch shape it has not compiled (its val acc is then
-after two epochs). images/s is training images / (train epoch + validation) seconds; "one-off s" is what the
-warm-up took beyond its steps at the epoch's pace (torch.compile's compile time). Also timed: the cache (build and load), and
-(a) against batch size and train-set fraction. data.root must hold the layout (or data.source
-builds it, as in train). Prints tables; writes everything to outputs/bench/<date>/<time>/bench.json."""
+  c  cifar_lightning's own, as train builds it (build.py): Classifier + CifarDataModule + Trainer
+     with the configured callbacks (checkpoints, early stopping, progress bar, history) and
+     logger, at each `precision` x `compile_c` x `cuda_graph_c`
+
+(a) and (b) train with plain cross-entropy: model.augment/l2/label_smoothing (off by default)
+apply to (c) alone. Every pipeline starts from the same seed and is warmed up for `warmup_steps`
+(untimed); a compiled (c) for a whole untimed epoch, so the clock never meets a batch shape it has
+not compiled (its val acc is then after two epochs). images/s is training images / (train epoch +
+validation) seconds; "one-off s" is what the warm-up took beyond its steps at the epoch's pace
+(torch.compile's compile time). Also timed: the cache (build and load), and (a) against batch size
+and train-set fraction. data.root must hold the layout (or data.source builds it, as in train).
+Prints tables; writes everything to outputs/bench/<date>/<time>/bench.json."""
 
 from __future__ import annotations
 
@@ -41,24 +44,17 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from cifar_lightning import cli
 from cifar_lightning.bench_pipelines import pipeline_b, pipeline_c, plain_epoch, time_cache
-from cifar_lightning.config import (
-    BOOLEAN,
-    check_targets,
-    check_values,
-    list_of,
-    number,
-    one_of,
-    whole,
-)
+from cifar_lightning.build import build_datamodule
+from cifar_lightning.config import BOOLEAN, check_values, list_of, number, one_of, whole
 from cifar_lightning.data.datamodule import eval_batch_size
-from cifar_lightning.errors import cli
 from cifar_lightning.report import write_json
-from cifar_lightning.wiring import build_datamodule
+from cifar_lightning.targets import check_targets
 
 
 def _proc_status_MiB(key: str) -> float:
-    """VmRSS (resident now) or VmHWM (peak since the last reset) from /proc/self/status; Linux only."""
+    """VmRSS (resident now) or VmHWM (peak since the last reset), from /proc/self/status (Linux)."""
     try:
         line = next(
             s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith(key + ":")
@@ -68,9 +64,8 @@ def _proc_status_MiB(key: str) -> float:
         return float("nan")
 
 
-RSS_AFTER_IMPORTS_MiB = _proc_status_MiB(
-    "VmRSS"
-)  # the baseline that memory growth is measured from
+# the baseline that memory growth is measured from
+RSS_AFTER_IMPORTS_MiB = _proc_status_MiB("VmRSS")
 # Importing torch already runs a child process; its peak is the floor of children_ru_maxrss_MiB.
 CHILDREN_AFTER_IMPORTS_MiB = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
@@ -78,7 +73,8 @@ CHILDREN_AFTER_IMPORTS_MiB = resource.getrusage(resource.RUSAGE_CHILDREN).ru_max
 # ---------------------------------------------------------------- memory
 def reset_peaks() -> None:
     """Make the next memory() report this stage's peaks. Writing 5 to clear_refs resets the kernel's
-    peak RSS (VmHWM and ru_maxrss); where that is not allowed, peaks are since the process started."""
+    peak RSS (VmHWM and ru_maxrss); where that is not allowed, peaks are since the process started.
+    """
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -109,11 +105,11 @@ def free(device: torch.device) -> None:
 
 # ---------------------------------------------------------------- over rounds
 def compile_payoff(timed: dict, epochs: int = 30) -> list[dict]:
-    """For each compiled (c) with an eager (c) at its precision, from the runs of each round (paired by
-    round, as the ratios are): the time saved per full epoch (median of the per-round differences, so a
-    slow spell on a shared host cancels), the one-off cost (the first round's: later rounds find the
-    compiled kernels cached in this process; a negative value is noise and counts as 0), and after how
-    many epochs compiling pays off (None: it never does)."""
+    """For each compiled (c) with an eager (c) at its precision, from the runs of each round (paired
+    by round, as the ratios are): the time saved per full epoch (median of the per-round
+    differences, so a slow spell on a busy machine cancels), the one-off cost (the first round's:
+    later rounds find the compiled kernels cached in this process; a negative value is noise and
+    counts as 0), and after how many epochs compiling pays off (None: it never does)."""
     out = []
     for (pipeline, variant), runs in timed.items():
         eager = timed.get((pipeline, variant.removesuffix("+compile")))
@@ -232,9 +228,8 @@ def bench(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     device = quiet_setup(cfg)
     bs = cfg.data.batch_size
-    overrides = (
-        list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
-    )  # None: called in-process
+    # None: called in-process
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
     out = {
         "machine": machine(device),
         "overrides": overrides,
@@ -253,8 +248,10 @@ def bench(cfg: DictConfig) -> dict:
         "notes": [],
     }
     print(
-        f"device {out['machine']['device']}  |  {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads  |  "
-        f"batch {bs} (validation {out['settings']['eval_batch_size']})  |  max_steps {cfg.max_steps}  |  warm-up {cfg.warmup_steps} steps"
+        f"device {out['machine']['device']}  |  {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads  |  "
+        f"batch {bs} (validation {out['settings']['eval_batch_size']})  |  "
+        f"max_steps {cfg.max_steps}  |  warm-up {cfg.warmup_steps} steps"
     )
     dm, data = load_data(cfg, device, out)
     runners = make_runners(cfg, dm, data, device, out["notes"])
@@ -293,11 +290,11 @@ def bench(cfg: DictConfig) -> dict:
 def quiet_setup(cfg: DictConfig) -> torch.device:
     """Threads, TF32 and log levels as train has them; returns the device every pipeline runs on."""
     torch.set_float32_matmul_precision("high")  # as train: TF32 where the GPU has it
-    if (
-        cfg.threads
-    ):  # on a busy machine fewer threads than cores avoids OpenMP spin-waiting on taken cores
+    # on a busy machine fewer threads than cores avoids OpenMP spin-waiting on taken cores
+    if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    # Lightning's per-Trainer banners and the "few workers"/"logging interval" hints would bury the tables.
+    # Lightning's per-Trainer banners and the "few workers"/"logging interval" hints would bury the
+    # tables.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
@@ -306,9 +303,9 @@ def quiet_setup(cfg: DictConfig) -> torch.device:
 
 
 def load_data(cfg: DictConfig, device: torch.device, out: dict) -> tuple:
-    """Times the cache on a copy of one split (into out["cache"]), then sets up the real datamodule as
-    train does. Returns (c)'s datamodule and what the other pipelines need: classes, the train dirs'
-    sizes, the validation size and, when (a) runs, the cached tensors on `device`."""
+    """Times the cache on a copy of one split (into out["cache"]), then sets up the real datamodule
+    as train does. Returns (c)'s datamodule and what the other pipelines need: classes, the train
+    dirs' sizes, the validation size and, when (a) runs, the cached tensors on `device`."""
     reset_peaks()
     dm = build_datamodule(cfg)
     dm.prepare_data()  # builds data.root from data.source if it lacks the layout (untimed)
@@ -324,8 +321,9 @@ def load_data(cfg: DictConfig, device: torch.device, out: dict) -> tuple:
     )
     print(
         f"cache: build {cache['split']} ({cache['images']:,} images) {cache['build_s']:.2f} s = "
-        f"{cache['build_images_per_s']:,.0f} images/s; load {cache['load_s']:.3f} s; datamodule setup, "
-        f"{len(base.split_names)} splits {'from cache' if had_cache else 'building caches'}: {cache['setup_s']:.2f} s"
+        f"{cache['build_images_per_s']:,.0f} images/s; load {cache['load_s']:.3f} s; "
+        f"datamodule setup, {len(base.split_names)} splits "
+        f"{'from cache' if had_cache else 'building caches'}: {cache['setup_s']:.2f} s"
     )
     train, val = base.train_dataloader(), base.val_dataloader()
     data = {
@@ -345,7 +343,8 @@ def load_data(cfg: DictConfig, device: torch.device, out: dict) -> tuple:
 
 
 def make_runners(cfg: DictConfig, dm, data: dict, device: torch.device, notes: list) -> list[tuple]:
-    """(pipeline, variant, row name, run) per timed epoch; a variant is a precision, +compile, +graph."""
+    """(pipeline, variant, row name, run) per timed epoch; a variant is a precision, +compile,
+    +graph."""
     bs, classes = cfg.data.batch_size, data["classes"]
     runners = []
     if "a" in cfg.pipelines:
@@ -393,8 +392,8 @@ def make_runners(cfg: DictConfig, dm, data: dict, device: torch.device, notes: l
 def run_rounds(
     runners: list[tuple], rounds: int, device: torch.device
 ) -> dict[tuple[str, str], list[dict]]:
-    """Every runner once per round, in turn (a, b, c, a, b, c...), so a slow spell on a shared machine
-    lands on every pipeline alike and each round gives a paired ratio."""
+    """Every runner once per round, in turn (a, b, c, a, b, c...), so a slow spell on a shared
+    machine lands on every pipeline alike and each round gives a paired ratio."""
     timed: dict[tuple[str, str], list[dict]] = {}
     for k in range(rounds):
         for pipeline, variant, name, run in runners:
@@ -406,8 +405,8 @@ def run_rounds(
 
 
 def scaling(cfg: DictConfig, data: dict, device: torch.device, a: dict) -> dict:
-    """How the limit (a) scales with batch size and train-set fraction; the main run `a` stands in for
-    (data.batch_size, all of the train set)."""
+    """How the limit (a) scales with batch size and train-set fraction; the main run `a` stands in
+    for (data.batch_size, all of the train set)."""
     bs = cfg.data.batch_size
     return {
         "scaling_batch_size": [
@@ -462,18 +461,29 @@ def paired_ratios(rows: list[dict], timed: dict) -> tuple[dict, dict]:
 
 
 def print_report(cfg: DictConfig, out: dict, device: torch.device) -> None:
-    rows, ratios, per_round = out["results"], out["ratios"], out["ratios_per_round"]
-    base_ips = next((r["images_per_s"] for r in rows if r["pipeline"] == "a"), None)
     # Capped: the extrapolated full epoch is worth a column, and val acc is not (capped validation
     # sees the first, class-sorted, images only: one or two classes).
     drop = "val_acc" if cfg.max_steps else "full_epoch_s_est"
     epoch_cols = [c for c in EPOCH_COLS if c[1] != drop]
-    bs = cfg.data.batch_size
+    print_epochs(cfg, out, device, epoch_cols)
+    print_extras(out)
+    print_scaling(cfg, out, epoch_cols)
+    rows = out["results"]
     print(
-        f"\n== one epoch = train + validation, batch {bs}"
-        + (f", capped at {cfg.max_steps} steps" if cfg.max_steps else "")
-        + " =="
+        f"\nRSS after imports {RSS_AFTER_IMPORTS_MiB:,.0f} MiB; peak RSS per stage (MiB): "
+        + ", ".join(
+            [f"cache+setup {out['cache']['memory']['peak_rss_MiB']:,.0f}"]
+            + [f"{r['pipeline']}[{r['variant']}] {r['memory']['peak_rss_MiB']:,.0f}" for r in rows]
+        )
     )
+
+
+def print_epochs(cfg: DictConfig, out: dict, device: torch.device, epoch_cols: list) -> None:
+    """The main table, one row per timed pipeline and variant, and the paired ratios."""
+    rows, ratios, per_round = out["results"], out["ratios"], out["ratios_per_round"]
+    base_ips = next((r["images_per_s"] for r in rows if r["pipeline"] == "a"), None)
+    capped = f", capped at {cfg.max_steps} steps" if cfg.max_steps else ""
+    print(f"\n== one epoch = train + validation, batch {cfg.data.batch_size}{capped} ==")
     shown = [
         {
             **with_steps(r),
@@ -483,11 +493,8 @@ def print_report(cfg: DictConfig, out: dict, device: torch.device) -> None:
         }
         for r in rows
     ]
-    cols = (
-        [("pipeline", "name", "")]
-        + epoch_cols
-        + [("x a", "vs_a", ".2f"), ("peak RSS MiB", "peak_rss", ",.0f")]
-    )
+    cols = [("pipeline", "name", ""), *epoch_cols]
+    cols += [("x a", "vs_a", ".2f"), ("peak RSS MiB", "peak_rss", ",.0f")]
     if device.type == "cuda":
         cols.append(("GPU peak MiB", "gpu_peak", ",.0f"))
     print(table(shown, cols))
@@ -500,55 +507,55 @@ def print_report(cfg: DictConfig, out: dict, device: torch.device) -> None:
             f"median of {cfg.rounds} interleaved rounds; per round: "
             + "; ".join(f"{k} " + " ".join(f"{q:.2f}" for q in v) for k, v in per_round.items())
         )
+
+
+def print_extras(out: dict) -> None:
+    """torch.compile's payoff, the notes, and how each graphed (c) epoch ran."""
     for c in out["compile_payoff"]:
         after = c["pays_off_after_epochs"]
         rounds = c["saved_per_epoch_s_per_round"]
+        per_round = f" (per round: {' '.join(f'{x:.2f}' for x in rounds)})"
         print(
-            f"torch.compile at {c['precision']}: one-off {c['one_off_s']:.1f} s, saves {c['saved_per_epoch_s']:.2f} s "
-            "per full epoch"
-            + (f" (per round: {' '.join(f'{x:.2f}' for x in rounds)})" if len(rounds) > 1 else "")
+            f"torch.compile at {c['precision']}: one-off {c['one_off_s']:.1f} s, "
+            f"saves {c['saved_per_epoch_s']:.2f} s per full epoch"
+            + (per_round if len(rounds) > 1 else "")
             + ": "
             + (f"pays off after {after:.1f} epochs" if after is not None else "never pays off")
             + f"; net over 30 epochs {c['net_gain_30_epochs_s']:+.1f} s"
         )
     for note in out["notes"]:
         print(note)
-    for r in rows:
+    for r in out["results"]:
         if r.get("graph"):
             g = r["graph"]
             print(
-                f"c[{r['variant']}]'s timed epoch (a fresh fit): {g['warmup_steps']} eager warm-up steps, "
+                f"c[{r['variant']}]'s timed epoch (a fresh fit): "
+                f"{g['warmup_steps']} eager warm-up steps, "
                 f"{g['captures']} capture(s), {g['replays']} of {r['train_steps']} steps replayed"
             )
+
+
+def print_scaling(cfg: DictConfig, out: dict, epoch_cols: list) -> None:
+    """(a) against batch size and train-set fraction."""
     if out.get("scaling_batch_size"):
         print("\n== plain loop (a) vs batch size ==")
-        print(
-            table(
-                [with_steps(r) for r in out["scaling_batch_size"]],
-                [("batch", "batch_size", "")] + epoch_cols,
-            )
-        )
+        rows = [with_steps(r) for r in out["scaling_batch_size"]]
+        print(table(rows, [("batch", "batch_size", ""), *epoch_cols]))
     if out.get("scaling_fraction"):
-        print(f"\n== plain loop (a) vs train-set fraction, batch {bs} ==")
-        print(
-            table(
-                [with_steps(r) for r in out["scaling_fraction"]],
-                [("fraction", "fraction", ".2f"), ("images", "images", ",")] + epoch_cols,
-            )
-        )
-    print(
-        f"\nRSS after imports {RSS_AFTER_IMPORTS_MiB:,.0f} MiB; peak RSS per stage (MiB): "
-        + ", ".join(
-            [f"cache+setup {out['cache']['memory']['peak_rss_MiB']:,.0f}"]
-            + [f"{r['pipeline']}[{r['variant']}] {r['memory']['peak_rss_MiB']:,.0f}" for r in rows]
-        )
-    )
+        print(f"\n== plain loop (a) vs train-set fraction, batch {cfg.data.batch_size} ==")
+        rows = [with_steps(r) for r in out["scaling_fraction"]]
+        cols = [("fraction", "fraction", ".2f"), ("images", "images", ","), *epoch_cols]
+        print(table(rows, cols))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path="conf", config_name="bench")
 def _main(cfg: DictConfig) -> None:
     bench(cfg)
 
 
+def main() -> None:
+    cli.run(_main)
+
+
 if __name__ == "__main__":
-    cli(_main)
+    main()

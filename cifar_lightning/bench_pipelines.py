@@ -15,18 +15,17 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset, DataLoader
 from torchvision import datasets, transforms
 
-from cifar_lightning.config import complete, instantiate
+from cifar_lightning.build import build_module, build_trainer, model_config
 from cifar_lightning.data.cache import load_split
 from cifar_lightning.data.datamodule import eval_batch_size
 from cifar_lightning.data.folder import KerasImageFolder
 from cifar_lightning.data.sampler import DirectoryBatchSampler
-from cifar_lightning.model.module import Classifier
 from cifar_lightning.model.net import build_net
-from cifar_lightning.wiring import build_logger_and_callbacks
+from cifar_lightning.targets import complete, instantiate
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -39,7 +38,8 @@ def clock(device: torch.device) -> float:
 
 def caps(n_train: int, n_val: int, max_steps: int | None) -> tuple[int, int]:
     """(train steps, val steps) of a timed epoch. With max_steps, validation is cut in the same
-    proportion, so train:val time stays as in a full epoch and the full epoch can be extrapolated."""
+    proportion, so train:val time stays as in a full epoch and the full epoch can be extrapolated.
+    """
     if not max_steps or max_steps >= n_train:
         return n_train, n_val
     return max_steps, max(1, math.ceil(n_val * max_steps / n_train))
@@ -76,18 +76,11 @@ def with_warmup(r: dict, warmup_s: float, steps: int, val_steps: int | None = No
     }
 
 
-def model_dict(cfg: DictConfig, num_classes: int) -> dict:
-    m = OmegaConf.to_container(cfg.model, resolve=True)
-    m["num_classes"] = num_classes  # the data decides, as in train
-    return m
-
-
 def make_net(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     L.seed_everything(cfg.seed, verbose=False)  # the same initial weights in every pipeline
-    net = build_net(model_dict(cfg, num_classes), cfg.data.image_size)
-    return (
-        torch.compile(net, mode=cfg.model.compile_mode) if cfg.model.compile else net
-    )  # as the Classifier does
+    net = build_net(model_config(cfg, num_classes), cfg.data.image_size)
+    # as the Classifier does
+    return torch.compile(net, mode=cfg.model.compile_mode) if cfg.model.compile else net
 
 
 # ---------------------------------------------------------------- (a) plain loop
@@ -97,9 +90,8 @@ def plain_epoch(
     """One epoch of the same net, optimizer and batch order as (c) over uint8 tensors already on
     `device`: no DataLoader, no Lightning, no metrics objects. The reference limit."""
     x, y, sizes, vx, vy = data["x"], data["y"], data["sizes"], data["vx"], data["vy"]
-    if (
-        fraction < 1
-    ):  # the first `fraction` of each train dir, so per-directory batching still applies
+    # the first `fraction` of each train dir, so per-directory batching still applies
+    if fraction < 1:
         starts = [0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]]
         sizes = [max(1, int(n * fraction)) for n in sizes]
         keep = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, sizes)]).to(device)
@@ -110,9 +102,8 @@ def plain_epoch(
         torch.tensor(b, device=device)
         for b in DirectoryBatchSampler(sizes, batch_size, cfg.fidelity.batching, cfg.seed).batches()
     ]
-    vbs = eval_batch_size(
-        cfg.data.eval_batch_size, batch_size, device
-    )  # validation batches, as (c) has them
+    # validation batches, as (c) has them
+    vbs = eval_batch_size(cfg.data.eval_batch_size, batch_size, device)
     n_train, n_val = caps(len(batches), math.ceil(len(vy) / vbs), cfg.max_steps)
     net = make_net(cfg, data["num_classes"]).to(device)
     opt = complete(instantiate(cfg.optim, "optim"), "optim", params=net.parameters())
@@ -133,9 +124,8 @@ def plain_epoch(
     def validate(steps):
         net.eval()
         end = min(steps * vbs, len(vy))
-        correct = torch.zeros(
-            (), dtype=torch.long, device=device
-        )  # summed on the device: no per-step sync
+        # summed on the device: no per-step sync
+        correct = torch.zeros((), dtype=torch.long, device=device)
         for i in range(0, end, vbs):
             correct += (net(fmt(vx[i : i + vbs])).argmax(1) == vy[i : i + vbs]).sum()
         return correct.item() / end
@@ -218,7 +208,7 @@ def lightning_epoch(
 
 
 class PlainModule(L.LightningModule):
-    """(b)'s minimal LightningModule around the same network: cross-entropy and the same optimizer."""
+    """(b)'s minimal LightningModule around the same network: cross-entropy, the same optimizer."""
 
     def __init__(self, net: torch.nn.Module, optimizer, channels_last: bool):
         super().__init__()
@@ -298,33 +288,15 @@ def pipeline_c(
     """What train runs: the Classifier and the datamodule in a Trainer with the configured callbacks
     (checkpoints, early stopping, progress bar, history...) and logger, all timed. Each fit writes
     into its own directory, removed afterwards."""
-    container = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
     L.seed_everything(cfg.seed, verbose=False)
-    model = Classifier(
-        model=model_dict(cfg, len(classes)),
-        optim=container(cfg.optim),
-        scheduler=container(cfg.scheduler),
-        class_names=classes,
-        monitor=cfg.monitor,
-        image_size=cfg.data.image_size,
-    )
+    model = build_module(cfg, classes)
     fits = Path(tempfile.mkdtemp(prefix="c-fits-", dir=cfg.run_dir))
 
     def make_trainer(callbacks=(), **kw):
         fit_cfg = copy.deepcopy(cfg)
-        fit_cfg.run_dir = tempfile.mkdtemp(
-            dir=fits
-        )  # the config's ${run_dir}: checkpoints, logs, history
-        logger, configured = build_logger_and_callbacks(fit_cfg)
-        return instantiate(
-            fit_cfg.trainer,
-            "trainer",
-            max_epochs=1,
-            logger=logger,
-            precision=precision,
-            callbacks=configured + list(callbacks),
-            **kw,
-        )
+        # the config's ${run_dir}: checkpoints, logs, history
+        fit_cfg.run_dir = tempfile.mkdtemp(dir=fits)
+        return build_trainer(fit_cfg, *callbacks, max_epochs=1, precision=precision, **kw)
 
     bs = cfg.data.batch_size
     n_train = len(DirectoryBatchSampler(sizes, bs, cfg.fidelity.batching))
@@ -339,9 +311,8 @@ def pipeline_c(
             compiled=bool(cfg.model.compile),
             datamodule=datamodule,
         )
-        if (
-            model.graphed is not None
-        ):  # the timed fit is a fresh one: it warmed up and captured inside the clock
+        if model.graphed is not None:
+            # the timed fit is a fresh one: it warmed up and captured inside the clock
             g = model.graphed
             r["graph"] = {
                 "warmup_steps": g.eager_steps,

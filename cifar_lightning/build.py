@@ -1,20 +1,28 @@
-"""What more than one entry point builds, so that entry points stay leaves that never import each
-other: train, prepare and bench build the datamodule (and train and bench the logger and callbacks)
-from the same config; evaluate and predict share their options, the device and batched inference."""
+"""The one builder of a run's parts from a config: the datamodule, the module and the Trainer
+(with the configured logger and callbacks, plus ours). train, prepare and the benchmark's
+pipeline (c) all assemble through here, so they run the same thing."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-import torch
+import lightning as L
 from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cifar_lightning.callbacks import History, RandomState
-from cifar_lightning.config import instantiate, one_of, whole
 from cifar_lightning.data.datamodule import CifarDataModule
-from cifar_lightning.data.folder import RESIZES
-from cifar_lightning.errors import UserError
+from cifar_lightning.model.graphed import CudaGraphSteps
+from cifar_lightning.model.module import Classifier
+from cifar_lightning.targets import instantiate
+
+log = logging.getLogger(__name__)
+
+
+def plain(node) -> dict:
+    """A config node as plain dicts and lists: what checkpoints store (weights_only-safe)."""
+    return OmegaConf.to_container(node, resolve=True)
 
 
 def build_datamodule(cfg: DictConfig) -> CifarDataModule:
@@ -37,18 +45,47 @@ def build_datamodule(cfg: DictConfig) -> CifarDataModule:
     )
 
 
+def model_config(cfg: DictConfig, num_classes: int) -> dict:
+    """cfg.model as a plain dict, with as many outputs as the data has classes."""
+    model = plain(cfg.model)
+    if model["num_classes"] != num_classes:
+        log.info(f"model.num_classes={model['num_classes']} -> {num_classes}, the class folders")
+        model["num_classes"] = num_classes
+    return model
+
+
+def build_module(cfg: DictConfig, class_names: list[str]) -> Classifier:
+    return Classifier(
+        model=model_config(cfg, len(class_names)),
+        optim=plain(cfg.optim),
+        scheduler=plain(cfg.scheduler),
+        class_names=class_names,
+        monitor=cfg.monitor,
+        image_size=cfg.data.image_size,
+    )
+
+
 def build_logger_and_callbacks(cfg: DictConfig) -> tuple:
-    """The configured logger (or False) and callbacks (the LR monitor only with a logger), then the
-    history file and the RNG state: what train's Trainer gets, and bench's pipeline (c). All of them
-    write into cfg.run_dir."""
-    run_dir = Path(cfg.run_dir)
+    """The configured logger (or False) and callbacks (the LR monitor only with a logger), then
+    ours: history.csv, the RNG state and model.cuda_graph's step. All write into cfg.run_dir."""
     logger = instantiate(cfg.logger, "logger") if cfg.logger.get("_target_") else False
-    callbacks = [
+    configured = [
         instantiate(c, f"callbacks.{k}")
         for k, c in cfg.callbacks.items()
         if c is not None and (logger or k != "lr_monitor")
     ]
-    return logger, callbacks + [History(run_dir / "history.csv"), RandomState()]
+    ours = [History(Path(cfg.run_dir) / "history.csv"), RandomState()]
+    if cfg.model.get("cuda_graph"):
+        ours.append(CudaGraphSteps())
+    return logger, configured + ours
+
+
+def build_trainer(cfg: DictConfig, *callbacks: L.Callback, **overrides) -> L.Trainer:
+    """cfg.trainer with build_logger_and_callbacks' logger and callbacks, then `callbacks`;
+    `overrides` replace Trainer arguments (the benchmark's max_epochs and precision)."""
+    logger, configured = build_logger_and_callbacks(cfg)
+    kwargs = {"logger": logger, "profiler": build_profiler(cfg), **overrides}
+    return instantiate(cfg.trainer, "trainer", callbacks=configured + list(callbacks), **kwargs)
 
 
 PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}
@@ -56,37 +93,7 @@ PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": 
 
 def build_profiler(cfg: DictConfig):
     """trainer.profiler by name, writing its report into the run directory (fit-profile.txt,
-    test-profile.txt; fit-profile-<local rank>.txt under DDP; a resumed run appends) instead of a few
-    hundred lines onto the console; None when it is off."""
+    test-profile.txt; fit-profile-<local rank>.txt under DDP; a resumed run appends) instead of
+    a few hundred lines onto the console; None when it is off."""
     name = cfg.trainer.get("profiler")
     return PROFILERS[name](dirpath=cfg.run_dir, filename="profile") if name else None
-
-
-# evaluate's and predict's own values, checked before the checkpoint loads
-INFERENCE_RULES = {
-    "batch_size": whole(1),
-    "top_k": whole(1),
-    "device": one_of("auto", "cpu", "cuda"),
-    "resize": one_of(*RESIZES),
-}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda: no CUDA GPU is usable here; use device=cpu or device=auto")
-    return torch.device(name)
-
-
-@torch.no_grad()
-def predict_logits(
-    net, images: torch.Tensor, batch_size: int, device: torch.device
-) -> torch.Tensor:
-    net = net.to(device)
-    return torch.cat(
-        [
-            net(images[i : i + batch_size].to(device)).float().cpu()
-            for i in range(0, len(images), batch_size)
-        ]
-    )

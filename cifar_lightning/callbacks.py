@@ -1,4 +1,6 @@
-"""Lightning callbacks of our own: the per-epoch history file and Keras-style console lines."""
+"""Lightning callbacks of our own: the per-epoch history file with Keras-style console lines, the
+RNG state in checkpoints, the state at an interrupt, and the run's report (metrics.json,
+predictions.csv, the figures)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,15 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from cifar_lightning.errors import UserError
-from cifar_lightning.report import write_csv
+from cifar_lightning.model.net import count_params
+from cifar_lightning.report import (
+    best_epoch,
+    plot_history,
+    save_figure,
+    write_csv,
+    write_evaluation,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"]
@@ -38,17 +48,17 @@ class History(L.Callback):
         self._lr = lr
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._report_cut(
-            trainer, trainer.current_epoch
-        )  # the cut was made after the previous epoch
+        # the cut was made after the previous epoch
+        self._report_cut(trainer, trainer.current_epoch)
         self._t0 = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
         m = trainer.callback_metrics
         if "train/loss" in m and not torch.isfinite(m["train/loss"]):
             log.warning(
-                f"Training diverged: train/loss is {float(m['train/loss'])} in epoch {trainer.current_epoch + 1}; "
-                "stopping (try a lower optim.lr). Non-finite epochs are never the best checkpoint."
+                f"Training diverged: train/loss is {float(m['train/loss'])} in epoch "
+                f"{trainer.current_epoch + 1}; stopping (try a lower optim.lr). Non-finite epochs "
+                "are never the best checkpoint."
             )
             trainer.should_stop = True
         if "val/loss" not in m or any(r["epoch"] == trainer.current_epoch + 1 for r in self.rows):
@@ -106,7 +116,8 @@ class InterruptCheckpoint(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         # A config or data mistake (its error line says what to fix), or a failure before any step
-        # trained: nothing new to keep, and an earlier interrupted.ckpt of a resumed run stays as it was.
+        # trained: nothing new to keep, and an earlier interrupted.ckpt of a resumed run stays as it
+        # was.
         if isinstance(exception, UserError) or not self._trained:
             return
         trainer.save_checkpoint(self.path, weights_only=False)  # the whole state, for inspection
@@ -117,3 +128,116 @@ class InterruptCheckpoint(L.Callback):
             else "no epoch had finished, so there is nothing to resume"
         )
         log.warning(f"{type(exception).__name__}: state saved to {self.path}; {hint}")
+
+
+class RunReport(L.Callback):
+    """The run's report, in one place: after fit, the best epoch (as best.ckpt has it), the fit's
+    figures and metrics.json; after test, the test predictions gathered over ranks in file order,
+    metrics.json with the test metrics, predictions.csv, the figures and the logger's hparams.
+    `metrics` is metrics.json's content, what train() returns."""
+
+    def __init__(self, run_dir: str | Path, monitor: str, mode: str, hparams: dict, test: bool):
+        self.run_dir, self.monitor, self.mode = Path(run_dir), monitor, mode
+        self.hparams, self.test = hparams, test
+        self.history: History | None = None  # the trainer's, found at fit start
+        self.metrics: dict = {}
+        self.best_ckpt, self.best = "", None
+        self._t0, self._outputs = 0.0, []
+
+    def on_fit_start(self, trainer, pl_module):
+        self.history = next(c for c in trainer.callbacks if isinstance(c, History))
+        self._t0 = time.perf_counter()
+
+    def on_fit_end(self, trainer, pl_module):
+        train_seconds = time.perf_counter() - self._t0
+        rows = self.history.rows
+        self.best = best_epoch(rows, self.monitor, self.mode)  # the epoch of best.ckpt
+        # best.ckpt: the checkpoint callback that follows the monitor (last.ckpt's has none)
+        self.best_ckpt = next(
+            (c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor == self.monitor),
+            "",
+        )
+        if self.best is None:  # Lightning keeps a non-finite first epoch as best.ckpt: drop it
+            if self.best_ckpt:
+                Path(self.best_ckpt).unlink(missing_ok=True)
+            lr = pl_module.hparams.optim.get("lr")
+            raise UserError(
+                f"training diverged: no epoch had a finite {self.monitor}, no best "
+                f"checkpoint kept (try a lower optim.lr than {lr})"
+            )
+        best_row = next(r for r in rows if r["epoch"] == self.best)
+        trainable, stats = count_params(pl_module.net)
+        self.metrics = {
+            "trainable_params": trainable,
+            "non_trainable_params": stats,
+            "best_epoch": self.best,
+            "best_val_loss": best_row["val_loss"],
+            "best_val_acc": best_row["val_acc"],
+            "epochs_run": len(rows),
+            "train_seconds": round(train_seconds, 2),
+        }
+        if not trainer.is_global_zero:
+            return
+        fig = plot_history(rows, best=self.best)
+        if trainer.logger:
+            trainer.logger.experiment.add_figure("training_curves", fig, close=False)
+        save_figure(fig, self.run_dir / "training_curves.png")
+        if not self.test:
+            write_json(self.run_dir / "metrics.json", self.metrics)
+            self._log_hparams(trainer)
+
+    def on_test_start(self, trainer, pl_module):
+        if self.best_ckpt:
+            log.info(f"Restoring best weights from the end of epoch {self.best}: {self.best_ckpt}")
+        else:
+            log.info("no best checkpoint (callbacks.checkpoint=null): testing the final weights")
+
+    def on_test_epoch_start(self, trainer, pl_module):
+        self._outputs = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._outputs.append((outputs.float().cpu(), batch[1].cpu()))
+
+    def on_test_end(self, trainer, pl_module):
+        datamodule = trainer.datamodule
+        paths = datamodule.paths[datamodule.test_dir]
+        logits, labels = gather_test_outputs(self._outputs, trainer.world_size, len(paths))
+        if not trainer.is_global_zero:
+            return
+        tb = trainer.logger.experiment if trainer.logger else None
+        self.metrics = write_evaluation(
+            self.run_dir,
+            logits,
+            labels,
+            paths,
+            pl_module.hparams.class_names,
+            extra=self.metrics,
+            tb_writer=tb,
+        )
+        m = self.metrics
+        log.info(
+            f"test accuracy {m['test_accuracy']:.4f}  macro F1 {m['f1_macro']:.4f}  "
+            f"AUROC {m['auroc_macro']:.4f}"
+        )
+        self._log_hparams(trainer)
+
+    def _log_hparams(self, trainer) -> None:
+        if trainer.logger:
+            flat = {
+                f"hparams/{k}": v
+                for k, v in self.metrics.items()
+                if isinstance(v, (int, float)) and math.isfinite(v)
+            }
+            trainer.logger.log_hyperparams(self.hparams, flat)
+
+
+def gather_test_outputs(outputs: list, world_size: int, n_images: int):
+    """(logits, labels) of the whole test split in file order. Under DDP each rank holds a chunk of
+    every batch (DirectoryBatchSampler), so batches are re-interleaved rank by rank; a last batch
+    smaller than world_size repeats its last image at the end, which n_images cuts off."""
+    if world_size > 1:
+        everyone = [None] * world_size
+        torch.distributed.all_gather_object(everyone, outputs)
+        outputs = [out for per_batch in zip(*everyone) for out in per_batch]
+    logits, labels = zip(*outputs)
+    return torch.cat(logits)[:n_images], torch.cat(labels)[:n_images]

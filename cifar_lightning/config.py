@@ -1,92 +1,29 @@
-"""Config helpers: instantiate only project-approved `_target_`s, and compose outside a CLI."""
+"""What each config value must be, checked before anything starts, and compose() for tests and
+notebooks. The option lists come from the modules that use them (config imports data/ and model/,
+never the other way)."""
 
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 from typing import Any
 
-import hydra
-from hydra._internal.utils import _locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from cifar_lightning.data.folder import RESIZES
+from cifar_lightning.data.sampler import BATCHINGS
 from cifar_lightning.errors import UserError
+from cifar_lightning.model.net import INITS
+from cifar_lightning.model.schedule import COUNTINGS
+from cifar_lightning.targets import check_targets
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-# A `_target_` is code. Configs may name only these modules, so an override such as
-# `optim._target_=os.system` is refused instead of run.
-ALLOWED_TARGET_PREFIXES = (
-    "cifar_lightning.",
-    "torch.optim.",
-    "lightning.pytorch.Trainer",
-    "lightning.pytorch.callbacks.",
-    "lightning.pytorch.loggers.",
-)
-# ...and what the name resolves to must be a class or function defined there: a dotted path can
-# reach through an allowed module to anything it imported (`cifar_lightning.data.cache.os.system`).
-ALLOWED_TARGET_MODULES = (
-    "torch.optim",
-    "lightning.pytorch.trainer",
-    "lightning.pytorch.callbacks",
-    "lightning.pytorch.loggers",
-)
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
-# ...and of the project's own code, only what configs build: its helpers (report.write_csv, say) would
-# write any text to any path. A new optimizer, scheduler or callback of ours is added here.
-PROJECT_TARGETS = (
-    "cifar_lightning.model.optim.RMSprop",
-    "cifar_lightning.model.schedule.reduce_on_plateau",
-    "cifar_lightning.model.schedule.one_cycle",
-    "cifar_lightning.callbacks.InterruptCheckpoint",
-    "cifar_lightning.report.SweepSummary",
-)
-
-
-def _is_allowed(target: str) -> bool:
-    if not target.startswith(ALLOWED_TARGET_PREFIXES):
-        return False
-    try:
-        obj = _locate(target)  # imports only a module under an allowed prefix
-    except (ImportError, ValueError):  # no such name: instantiate reports it, naming the key
-        return True
-    module = getattr(obj, "__module__", None) or ""
-    if module == "cifar_lightning" or module.startswith("cifar_lightning."):
-        return any(
-            obj is _locate(t) for t in PROJECT_TARGETS
-        )  # by identity: re-exports resolve alike
-    return (inspect.isclass(obj) or inspect.isfunction(obj)) and any(
-        module == m or module.startswith(m + ".") for m in ALLOWED_TARGET_MODULES
-    )
-
-
-def check_targets(node: Any, key: str = "") -> None:
-    """Raise UserError naming the key of any `_target_` that is not allowed (see _is_allowed)."""
-    if isinstance(node, DictConfig):
-        items = node.items_ex(resolve=False)
-    elif isinstance(node, dict):
-        items = node.items()
-    elif isinstance(node, (list, tuple)) or OmegaConf.is_list(node):
-        items = ((str(i), v) for i, v in enumerate(node))
-    else:
-        return
-    for k, v in items:
-        path = f"{key}.{k}" if key else str(k)
-        if k == "_target_" and v is not None and not _is_allowed(str(v)):
-            raise UserError(
-                f"{path}={v} is not an allowed target (allowed: classes and functions of "
-                f"{', '.join(ALLOWED_TARGET_MODULES)}; of cifar_lightning: "
-                f"{', '.join(t.rpartition('.')[2] for t in PROJECT_TARGETS)})"
-            )
-        if k != "_target_":
-            check_targets(v, path)
-
-
-# What each value must be, checked before anything starts, so `model.dropout=abc` or `test=no` is one
-# error line naming the key instead of a traceback from deep in Lightning (or, for `test=no`, a truthy
-# string that silently runs the test phase). A key a config lacks, or sets to null, is skipped.
+# What each value must be, checked before anything starts, so `model.dropout=abc` or `test=no` is
+# one error line naming the key instead of a traceback from deep in Lightning (or, for `test=no`, a
+# truthy string that silently runs the test phase). A key a config lacks, or sets to null, is
+# skipped.
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -103,9 +40,12 @@ def number(
     low: float, high: float = math.inf, *, above: bool = False, below: bool = False
 ) -> tuple:
     """A number in [low, high]; above/below make that end open."""
-    ok = lambda v: (
-        _is_number(v) and (v > low if above else v >= low) and (v < high if below else v <= high)
-    )  # noqa: E731
+
+    def ok(v) -> bool:
+        if not _is_number(v):
+            return False
+        return (v > low if above else v >= low) and (v < high if below else v <= high)
+
     span = (
         f"{'(' if above else '['}{low}, {high}{')' if below else ']'}"
         if high != math.inf
@@ -125,7 +65,8 @@ def list_of(rule: tuple, example: str, empty_ok: bool = False) -> tuple:
     ok, must = rule
     return (
         (lambda v: OmegaConf.is_list(v) and (empty_ok or len(v) > 0) and all(ok(w) for w in v)),
-        f"must be a list like {example}; each item {must.replace('is not one of', 'must be one of')}",
+        f"must be a list like {example}; "
+        f"each item {must.replace('is not one of', 'must be one of')}",
     )
 
 
@@ -146,7 +87,8 @@ AUGMENT = (
     "must be null or {flip: true|false, rotation_deg: N, zoom: N, translate: N} with numbers >= 0",
 )
 
-# The one metric and the direction that makes it better: val/acc kept at its lowest would be a silent mistake.
+# The one metric and the direction that makes it better: val/acc kept at its lowest would be a
+# silent mistake.
 MONITOR_MODES = {"val/loss": "min", "val/acc": "max"}
 RULES = {
     "seed": whole(0),
@@ -208,12 +150,13 @@ RULES = {
         "(Lightning's manual optimization)",
     ),
 }
+# the only optim/scheduler keys that hold text
 TEXT_KEYS = {
     "_target_",
     "mode",
     "counting",
     "interval",
-}  # the only optim/scheduler keys that hold text
+}
 
 
 def _typed_key(cfg: DictConfig, key: str) -> str:
@@ -226,29 +169,36 @@ def _typed_key(cfg: DictConfig, key: str) -> str:
     return value[2:-1] if value.startswith("${") and value.endswith("}") else key
 
 
-def _choices() -> dict[str, tuple]:
-    """Keys that name an option, and the options, from the modules that use them (imported here:
-    schedule imports this module)."""
-    from cifar_lightning.data.folder import RESIZES
-    from cifar_lightning.data.sampler import BATCHINGS
-    from cifar_lightning.model.net import INITS
-    from cifar_lightning.model.schedule import COUNTINGS
-
-    return {
-        "model.init": one_of(*INITS),
-        "scheduler.counting": one_of(*COUNTINGS),
-        "fidelity.batching": one_of(*BATCHINGS),
-        "fidelity.resize": one_of(*RESIZES),
-    }
+# Keys that name an option, and the options, from the modules that use them.
+CHOICES = {
+    "model.init": one_of(*INITS),
+    "scheduler.counting": one_of(*COUNTINGS),
+    "fidelity.batching": one_of(*BATCHINGS),
+    "fidelity.resize": one_of(*RESIZES),
+}
+# evaluate's and predict's own values, checked before the checkpoint loads
+INFERENCE_RULES = {
+    "batch_size": whole(1),
+    "top_k": whole(1),
+    "device": one_of("auto", "cpu", "cuda"),
+    "resize": one_of(*RESIZES),
+}
 
 
 def _shown(v: Any) -> str:
     return str(OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v)
 
 
+def check_config(cfg: DictConfig) -> None:
+    """What train, prepare and bench check first: every `_target_`, then every value."""
+    check_targets(cfg)
+    check_values(cfg)
+
+
 def check_values(cfg: DictConfig, extra_rules: dict | None = None) -> None:
-    """Raise UserError naming the key of a value of the wrong kind (RULES, plus the entry point's own)."""
-    for key, (ok, must) in {**RULES, **_choices(), **(extra_rules or {})}.items():
+    """Raise UserError naming the key of a value of the wrong kind (RULES, CHOICES, plus the
+    entry point's own)."""
+    for key, (ok, must) in {**RULES, **CHOICES, **(extra_rules or {})}.items():
         v = OmegaConf.select(cfg, key, default=None)
         if v is not None and not ok(v):  # null: absent, or left to the code's own default
             sep = " " if must.startswith("is ") else ": "
@@ -256,7 +206,8 @@ def check_values(cfg: DictConfig, extra_rules: dict | None = None) -> None:
     monitor, mode = cfg.get("monitor"), cfg.get("monitor_mode")
     if monitor in MONITOR_MODES and mode is not None and mode != MONITOR_MODES[monitor]:
         raise UserError(
-            f"monitor_mode={mode} would keep the worst {monitor}; use monitor_mode={MONITOR_MODES[monitor]}"
+            f"monitor_mode={mode} would keep the worst {monitor}; "
+            f"use monitor_mode={MONITOR_MODES[monitor]}"
         )
     for group in ("optim", "scheduler"):
         for k, v in (OmegaConf.select(cfg, group, default=None) or {}).items():
@@ -264,46 +215,9 @@ def check_values(cfg: DictConfig, extra_rules: dict | None = None) -> None:
                 raise UserError(f"{_typed_key(cfg, f'{group}.{k}')}={v}: must be a number")
 
 
-def check_override_targets(argv: list[str]) -> None:
-    """check_targets on the command line's overrides. Hydra builds `hydra.callbacks` (and launchers)
-    before any of our code sees the config, so `+hydra.callbacks.x._target_=os.system` must be
-    refused here, before Hydra starts. Overrides Hydra cannot parse are left for Hydra to report."""
-    from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    args, _ = get_args_parser().parse_known_args(argv)
-    try:
-        overrides = OverridesParser.create().parse_overrides(args.overrides)
-    except Exception:  # noqa: BLE001 - Hydra's own parse error is clearer than ours
-        return
-    for o in overrides:
-        if o.is_delete():
-            continue
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
-        *parent, leaf = o.key_or_group.split(".")
-        for value in values:
-            check_targets({leaf: value}, ".".join(parent))
-
-
-def instantiate(cfg: Any, key: str, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate after check_targets; `key` names the config node in errors."""
-    check_targets(cfg, key)
-    try:
-        return hydra.utils.instantiate(cfg, **kwargs)
-    except Exception as exc:  # InstantiationException wraps bad keys or values
-        raise UserError(f"{key}: {exc}") from exc
-
-
-def complete(partial, key: str, *args: Any, **kwargs: Any) -> Any:
-    """Call a `_partial_` config; a bad value (lr=-1, say) is the user's error, named by its key."""
-    try:
-        return partial(*args, **kwargs)
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"{key}: {exc}") from exc
-
-
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
-    """The config that `python -m cifar_lightning.train OVERRIDES` would run, for tests and notebooks."""
+    """The config that `python -m cifar_lightning.train OVERRIDES` would run, for tests and
+    notebooks."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

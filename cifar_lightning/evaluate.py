@@ -1,6 +1,6 @@
 """Evaluate any checkpoint on any image folder whose classes match the checkpoint's by name.
 
-    python -m cifar_lightning.evaluate ckpt_path=outputs/DATE/TIME/checkpoints/best.ckpt eval_dir=data/cifar10/test
+    cifar-evaluate ckpt_path=outputs/DATE/TIME/checkpoints/best.ckpt eval_dir=data/cifar10/test
 
 Writes metrics.json, predictions.csv, confusion_matrix.png and roc_curves.png to its own run
 directory (outputs/evaluate/<date>/<time>/)."""
@@ -16,12 +16,13 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from cifar_lightning.config import check_values
+from cifar_lightning import cli
+from cifar_lightning.config import INFERENCE_RULES, check_values
 from cifar_lightning.data.folder import KerasImageFolder
-from cifar_lightning.errors import UserError, cli
+from cifar_lightning.errors import UserError
+from cifar_lightning.inference import pick_device, predict_logits
 from cifar_lightning.model.checkpoint import image_rule, load_net
 from cifar_lightning.report import write_evaluation
-from cifar_lightning.wiring import INFERENCE_RULES, pick_device, predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,8 @@ def evaluate(cfg: DictConfig) -> dict:
     folder = KerasImageFolder(cfg.eval_dir, size, resize)
     index, rule = match_classes(folder.classes, class_names)
     log.info(f"classes matched: {rule}")
-    with tqdm(
-        folder.samples, desc="decoding", unit="img"
-    ) as samples:  # closed before an error line
+    # closed before an error line
+    with tqdm(folder.samples, desc="decoding", unit="img") as samples:
         images = torch.stack([folder.loader(p) for p, _ in samples])
     labels = torch.tensor([index[t] for t in folder.targets])
     logits = predict_logits(net, images, cfg.batch_size, device)
@@ -76,10 +76,14 @@ def evaluate(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def _main(cfg: DictConfig) -> float:
     return evaluate(cfg)["test_accuracy"]
 
 
+def main() -> None:
+    cli.run(_main)
+
+
 if __name__ == "__main__":
-    cli(_main)
+    main()

@@ -1,11 +1,11 @@
-"""What the original Keras notebook printed: the figures a reproduction is compared against, and
-the tool that sets runs beside them.
+"""What the original Keras notebook printed: the figures a reproduction is compared against, and the
+tool that sets runs beside them.
 
     python -m cifar_lightning.notebook RUN_DIR [RUN_DIR ...] --out docs/reproduction
 
-writes docs/reproduction.png (the first run's per-epoch loss and accuracy against the notebook's log,
-LR cuts marked), docs/reproduction_<dir>.png for each further run, and docs/reproduction.md (the
-table, and test accuracy/F1 as mean ± std over the runs)."""
+writes docs/reproduction.png (the first run's per-epoch loss and accuracy against the notebook's
+log, LR cuts marked), docs/reproduction_<dir>.png for each further run, and docs/reproduction.md
+(the table, and test accuracy/F1 as mean ± std over the runs)."""
 
 from __future__ import annotations
 
@@ -63,16 +63,14 @@ def compare(run_dirs: list[Path], out: Path) -> str:
         {"epoch": i + 1, "val_loss": v, "lr": 1e-3 * 0.1 ** sum(i + 1 > c for c in LR_CUT_AFTER)}
         for i, v in enumerate(VAL_LOSS)
     ]
-    reference[0]["val_acc"], reference[BEST_EPOCH - 1]["val_acc"] = (
-        FIRST_VAL_ACC,
-        BEST_VAL_ACC,
-    )  # all the log gives
+    # all the log gives
+    reference[0]["val_acc"], reference[BEST_EPOCH - 1]["val_acc"] = FIRST_VAL_ACC, BEST_VAL_ACC
     out.parent.mkdir(parents=True, exist_ok=True)
-    for i, (d, history, _) in enumerate(
-        runs
-    ):  # the first run is OUT.png, each further one OUT_<its dir>.png
+    # the first run is OUT.png, each further one OUT_<its dir>.png
+    for i, (d, history, metrics) in enumerate(runs):
         png = out.with_suffix(".png") if i == 0 else out.with_name(f"{out.name}_{d.name}.png")
-        save_figure(plot_history(history, reference=reference, reference_name="notebook"), png)
+        fig = plot_history(history, reference, "notebook", best=metrics.get("best_epoch"))
+        save_figure(fig, png)
     lines = [
         "| epoch | notebook val_loss | "
         + " | ".join(f"{d.name} train_loss / val_loss / val_acc / lr" for d, _, _ in runs)
@@ -88,8 +86,8 @@ def compare(run_dirs: list[Path], out: Path) -> str:
         for _, h, _ in runs:
             r = h[e] if e < len(h) else None
             cells.append(
-                f"{float(r['train_loss']):.4f} / {float(r['val_loss']):.4f} / {float(r['val_acc']):.4f} / "
-                f"{float(r['lr']):.0e}"
+                f"{float(r['train_loss']):.4f} / {float(r['val_loss']):.4f} / "
+                f"{float(r['val_acc']):.4f} / {float(r['lr']):.0e}"
                 if r
                 else ""
             )

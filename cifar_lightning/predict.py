@@ -16,12 +16,13 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from cifar_lightning.config import check_values
+from cifar_lightning import cli
+from cifar_lightning.config import INFERENCE_RULES, check_values
 from cifar_lightning.data.folder import EXTENSIONS, decode
-from cifar_lightning.errors import UserError, cli
+from cifar_lightning.errors import UserError
+from cifar_lightning.inference import pick_device, predict_logits
 from cifar_lightning.model.checkpoint import image_rule, load_net
 from cifar_lightning.report import short_name, write_csv
-from cifar_lightning.wiring import INFERENCE_RULES, pick_device, predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,14 @@ def predict(cfg: DictConfig) -> list[dict]:
     return rows
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def _main(cfg: DictConfig) -> None:
     predict(cfg)
 
 
+def main() -> None:
+    cli.run(_main)
+
+
 if __name__ == "__main__":
-    cli(_main)
+    main()

@@ -2,7 +2,7 @@
 data.source, check the splits' class folders and every image, and (data.cache=true) decode each
 split into its cache file, so the first training run starts warm.
 
-    python -m cifar_lightning.prepare data.root=data/cifar10 data.source=../shared/data/cifar10-jpeg.tar.gz
+    python -m cifar_lightning.prepare data.root=data/cifar10 data.source=PATH/TO/cifar10-jpeg.tar.gz
     python -m cifar_lightning.prepare data.source=PATH/cifar-10-python.tar.gz
     python -m cifar_lightning.prepare                       # downloads (needs internet)
 """
@@ -14,19 +14,20 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from cifar_lightning import cli
+from cifar_lightning.build import build_datamodule
 from cifar_lightning.config import check_values
-from cifar_lightning.errors import cli
-from cifar_lightning.wiring import build_datamodule
 
 log = logging.getLogger(__name__)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _main(cfg: DictConfig) -> None:
     check_values(cfg)
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()  # the layout
-    datamodule.setup()  # classes across splits, every image decoded once: into the caches, or checked
+    # classes across splits, every image decoded once: into the caches, or checked
+    datamodule.setup()
     kind = "cached" if cfg.data.cache else "checked"
     log.info(
         f"ready: {cfg.data.root} ({len(datamodule.classes)} classes, "
@@ -35,5 +36,9 @@ def _main(cfg: DictConfig) -> None:
     )
 
 
+def main() -> None:
+    cli.run(_main)
+
+
 if __name__ == "__main__":
-    cli(_main)
+    main()

@@ -77,7 +77,7 @@ def save_figure(fig, path) -> None:
 def classification_metrics(
     logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]
 ) -> dict:
-    """Accuracy, macro/weighted P/R/F1, one-vs-rest AUROC, confusion matrix and per-class figures."""
+    """Accuracy, macro/weighted P/R/F1, one-vs-rest AUROC, confusion matrix, per-class figures."""
     n = len(class_names)
     probs = logits.float().softmax(-1)
     kw = dict(num_classes=n)
@@ -95,9 +95,8 @@ def classification_metrics(
     defined = (support > 0) & (support < len(labels))
     auroc = multiclass_auroc(probs, labels, average="none", **kw).where(defined, torch.nan)
     out = {
-        "test_accuracy": multiclass_accuracy(
-            probs, labels, average="micro", **kw
-        ).item(),  # Keras's accuracy
+        # Keras's accuracy
+        "test_accuracy": multiclass_accuracy(probs, labels, average="micro", **kw).item(),
         "test_loss": F.cross_entropy(logits.float(), labels).item(),
         "precision_macro": multiclass_precision(probs, labels, average="macro", **kw).item(),
         "recall_macro": multiclass_recall(probs, labels, average="macro", **kw).item(),
@@ -142,9 +141,8 @@ def write_predictions(
 def plot_confusion(logits, labels, class_names):
     from torchmetrics.classification import MulticlassConfusionMatrix
 
-    m = MulticlassConfusionMatrix(
-        len(class_names), sync_on_compute=False
-    )  # data is already gathered
+    # data is already gathered
+    m = MulticlassConfusionMatrix(len(class_names), sync_on_compute=False)
     m.update(logits.float().softmax(-1), labels)
     fig, ax = plt.subplots(figsize=(9, 8))
     m.plot(ax=ax, labels=[short_name(c) for c in class_names])
@@ -158,9 +156,8 @@ def plot_roc(logits, labels, class_names):
     m = MulticlassROC(len(class_names), sync_on_compute=False)
     m.update(logits.float().softmax(-1), labels)
     fig, ax = plt.subplots(figsize=(8, 7))
-    m.plot(
-        score=True, ax=ax, labels=[short_name(c) for c in class_names]
-    )  # legend: class and its AUC
+    # legend: class and its AUC
+    m.plot(score=True, ax=ax, labels=[short_name(c) for c in class_names])
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="chance")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("One-vs-rest ROC curves")
@@ -171,10 +168,10 @@ def plot_history(
     rows: list[dict],
     reference: list[dict] | None = None,
     reference_name: str = "notebook",
-    monitor: str = "val/loss",
-    mode: str = "min",
+    best: int | None = None,
 ):
-    """Accuracy and loss per epoch, train against validation; LR drops and the best epoch (by monitor) marked."""
+    """Accuracy and loss per epoch, train against validation; LR drops and the `best` epoch
+    marked."""
     f = lambda r, k: float(r[k]) if r.get(k) not in (None, "") else math.nan  # noqa: E731
     epochs = [int(r["epoch"]) for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -192,9 +189,8 @@ def plot_history(
                         if r.get(f"{split}_{what}") is not None
                     ]
                     if pts:
-                        sparse = len(pts) < len(
-                            ref_rows
-                        )  # e.g. the notebook's two known val accuracies: no line
+                        # e.g. the notebook's two known val accuracies: no line
+                        sparse = len(pts) < len(ref_rows)
                         ax.plot(
                             *zip(*pts),
                             style[0] if sparse else style,
@@ -207,7 +203,6 @@ def plot_history(
             for i in range(1, len(ref_rows)):
                 if lrs[i] < lrs[i - 1]:
                     ax.axvline(int(ref_rows[i - 1]["epoch"]) + 0.5, c=cut_color, ls=":", lw=1)
-        best = best_epoch(rows, monitor, mode)
         if best:
             ax.axvline(best, c="green", ls="--", lw=1, label=f"best epoch {best}")
         ax.set_xlabel("epoch"), ax.set_ylabel(what), ax.grid(alpha=0.3)
@@ -219,7 +214,8 @@ def plot_history(
 
 
 def history_column(monitor: str) -> str:
-    """history.csv's column for a monitored metric (val/loss -> val_loss); metrics.json has it as best_<column>."""
+    """history.csv's column for a monitored metric (val/loss -> val_loss); metrics.json has it as
+    best_<column>."""
     return monitor.replace("/", "_")
 
 
@@ -306,18 +302,26 @@ class SweepSummary(Callback):
         if job_return.status == JobStatus.COMPLETED:
             row["status"] = "completed"
         else:
-            err = job_return._return_value
-            row["status"], row["error"] = (
-                "failed",
-                " ".join(f"{type(err).__name__}: {err}".split())[:300],
-            )
-            # into this job's <job>.log while Hydra's handler for it is still open (errors.cli prints it at the end)
+            err = job_error(job_return)
+            row["status"] = "failed"
+            row["error"] = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            # into this job's <job>.log while Hydra's handler for it is still open (cli.run
+            # prints it on the console at the end)
             to_log_files(one_line(user_facing_cause(err) or err))
         if (run_dir / "metrics.json").exists():
             m = json.loads((run_dir / "metrics.json").read_text())
             row.update({k: m.get(k) for k in SUMMARY_COLUMNS if k in m})
         write_json(run_dir / "summary_row.json", row)
         write_summary(Path(config.hydra.sweep.dir))
+
+
+def job_error(job_return) -> BaseException:
+    """The exception a failed job raised: JobReturn.return_value re-raises it."""
+    try:
+        job_return.return_value
+    except BaseException as exc:  # noqa: BLE001 - whatever the job raised is its error
+        return exc
+    raise ValueError("job_error() of a job that did not fail")
 
 
 SEED_STAT_COLUMNS = [
@@ -380,62 +384,58 @@ def sort_by_monitor(rows: list[dict]) -> None:
 
 
 def write_summary(sweep_dir: Path) -> list[dict]:
+    """summary.csv, summary.md and summary.png (and seeds.csv) from the jobs' summary rows."""
     rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary_row.json"))]
     sort_by_monitor(rows)
-    stats = seed_stats(
-        rows
-    )  # also names the recipe and seed of rows written before rows recorded them
+    # also names the recipe and seed of rows written before rows recorded them
+    stats = seed_stats(rows)
     write_csv(sweep_dir / "summary.csv", rows, SUMMARY_COLUMNS)
-
-    def fmt(key, v):
-        if isinstance(v, float):
-            return f"{v:.1f}" if key == "wall_seconds" else f"{v:.4f}"
-        return "" if v is None else str(v).replace("|", "\\|")
-
-    md = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
-    md += ["| " + " | ".join(fmt(c, r.get(c)) for c in SUMMARY_COLUMNS) + " |" for r in rows]
+    md = md_table(SUMMARY_COLUMNS, [[_cell(c, r.get(c)) for c in SUMMARY_COLUMNS] for r in rows])
     if stats:
-        write_csv(
-            sweep_dir / "seeds.csv",
-            stats,
-            ["recipe", "seeds"] + [c for k in SEED_STAT_COLUMNS for c in (k, f"{k}_std")],
-        )
+        stat_columns = [c for k in SEED_STAT_COLUMNS for c in (k, f"{k}_std")]
+        write_csv(sweep_dir / "seeds.csv", stats, ["recipe", "seeds", *stat_columns])
         md += [
             "",
-            "Mean ± std (sample, n-1) over seeds: the jobs that finished, grouped by their overrides apart from `seed=`.",
+            "Mean ± std (sample, n-1) over seeds: the jobs that finished, grouped by their "
+            "overrides apart from `seed=`.",
             "",
-            "| recipe | seeds | " + " | ".join(SEED_STAT_COLUMNS) + " |",
-            "|" + "---|" * (2 + len(SEED_STAT_COLUMNS)),
         ]
-        md += [
-            "| "
-            + " | ".join(
-                [r["recipe"].replace("|", "\\|"), r["seeds"]]
-                + [fmt_mean_std(k, r.get(k), r.get(f"{k}_std")) for k in SEED_STAT_COLUMNS]
-            )
-            + " |"
+        cells = [
+            [_cell("recipe", r["recipe"]), r["seeds"]]
+            + [fmt_mean_std(k, r.get(k), r.get(f"{k}_std")) for k in SEED_STAT_COLUMNS]
             for r in stats
         ]
+        md += md_table(["recipe", "seeds", *SEED_STAT_COLUMNS], cells)
     _atomic_write(sweep_dir / "summary.md", ("\n".join(md) + "\n").encode())
+    save_figure(plot_sweep(sweep_dir, rows), sweep_dir / "summary.png")
+    return rows
+
+
+def _cell(key: str, v) -> str:
+    if isinstance(v, float):
+        return f"{v:.1f}" if key == "wall_seconds" else f"{v:.4f}"
+    return "" if v is None else str(v).replace("|", "\\|")
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
+
+
+def plot_sweep(sweep_dir: Path, rows: list[dict]):
+    """Validation accuracy per epoch, one line per job."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         hist = sweep_dir / r["job"] / "history.csv"
         if hist.exists():
             h = read_csv(hist)
-            ax.plot(
-                [int(x["epoch"]) for x in h],
-                [float(x["val_acc"]) for x in h],
-                "o-",
-                ms=3,
-                label=f"{r['job']}: {r['overrides'] or '(defaults)'}",
-            )
-    (
-        ax.set_xlabel("epoch"),
-        ax.set_ylabel("val acc"),
-        ax.grid(alpha=0.3),
-        ax.set_title("Validation accuracy per job"),
-    )
+            label = f"{r['job']}: {r['overrides'] or '(defaults)'}"
+            epochs, acc = [int(x["epoch"]) for x in h], [float(x["val_acc"]) for x in h]
+            ax.plot(epochs, acc, "o-", ms=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val acc")
+    ax.grid(alpha=0.3)
+    ax.set_title("Validation accuracy per job")
     if ax.lines:
         ax.legend(fontsize=8)
-    save_figure(fig, sweep_dir / "summary.png")
-    return rows
+    return fig

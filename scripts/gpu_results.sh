@@ -2,7 +2,7 @@
 # Every GPU figure that README.md (Speed) and RESULTS.md ask for, in one command:
 #
 #   bash scripts/gpu_results.sh ARCHIVE [OUT] [PARTS]
-#   bash scripts/gpu_results.sh ../shared/data/cifar10-jpeg.tar.gz outputs/gpu graph,recipe,bench,seeds
+#   bash scripts/gpu_results.sh PATH/TO/cifar10-jpeg.tar.gz outputs/gpu graph,recipe,bench,seeds
 #
 # ARCHIVE  what data.source accepts (the JPEG archive, cifar-10-python.tar.gz, or `download`)
 # OUT      where logs, bench.json and the sweep directories go (default outputs/gpu_results)
@@ -17,7 +17,7 @@
 #            seeds   3-seed multiruns of the reproduction, experiment=next and experiment=best
 # A part that fails is logged and the next one still runs; the exit status says whether any failed.
 # TRAINER=cpu and EXTRA="data.root=... trainer.max_epochs=1" let a CPU machine try the script small.
-# For a lent machine whose call has a hard limit (and may stop answering), three settings:
+# For a time-limited job (a batch slot that may end midway), three settings:
 #   PYTHON=python3     the interpreter (default python3: on GPU images the one that holds torch)
 #   STEP_LIMIT_S=240   each step is killed after this many seconds (then the next one runs); 0 = none
 #   SNAPSHOT=$OUT/gpu.tgz  every 20 s, and at exit, OUT's logs and small files (no checkpoints or
@@ -87,7 +87,7 @@ if has bench; then
     'compile_c=[false,true]' 'precision=[32-true]' 'batch_sizes=[]' 'fractions=[]' "${extra[@]}" \
     hydra.run.dir="$out/bench_compile"
   if [[ $trainer == gpu ]]; then
-    step gpu_tests "$out/gpu_tests.log" "$py" -m pytest -q tests/test_speed_options.py -k gpu  # the CUDA tests only
+    step gpu_tests "$out/gpu_tests.log" "$py" -m pytest -q tests/test_speed.py -k gpu  # the CUDA tests only
     step step_overhead "$out/step_overhead.log" "$py" scripts/step_overhead.py --size 32 --batch 64 --device cuda --sync-debug
   fi
 fi

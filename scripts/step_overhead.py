@@ -1,14 +1,16 @@
-"""Per-step cost of the training loop around Model S, with the compute made small: what Lightning and
-our module add to each step, which is what bounds c/a on a GPU, where a step's kernels take ~1 ms.
+"""Per-step cost of the training loop around Model S, with the compute made small: what
+Lightning and our module add to each step, which is what bounds c/a on a GPU, where a step's
+kernels take ~1 ms.
 
     python scripts/step_overhead.py                       # 8x8 images, batch 2, one CPU thread
     python scripts/step_overhead.py --profile             # also cProfile's top entries for (c)
     python scripts/step_overhead.py --size 32 --batch 64 --device cuda   # the real shapes on a GPU
-    python scripts/step_overhead.py --device cuda --sync-debug   # where (c) makes the host wait for the GPU
+    python scripts/step_overhead.py --device cuda --sync-debug   # where (c) waits for the GPU
 
 Times, in one run and interleaved over --rounds, ms per training step of:
   a       a plain PyTorch loop: forward, cross-entropy, backward, optimizer step
-  c       cifar_lightning's Classifier in a Lightning Trainer (metrics updated per step, logged per epoch)
+  c       cifar_lightning's Classifier in a Lightning Trainer (metrics updated per step, logged per
+          epoch)
   c+cb    the same with train's callbacks and logger (checkpoint, early stopping, progress bar, LR
           monitor, history, TensorBoard), as train and the benchmark's (c) run it
   c-log   the same with self.log(...) called every step, the common Lightning idiom (our code until
@@ -37,12 +39,14 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from cifar_lightning.bench_pipelines import EpochTimer, clock
-from cifar_lightning.config import compose, instantiate
+from cifar_lightning.build import build_logger_and_callbacks
+from cifar_lightning.config import compose
 from cifar_lightning.data.datamodule import TensorImages, _whole_batch
 from cifar_lightning.data.sampler import DirectoryBatchSampler
+from cifar_lightning.model.graphed import CudaGraphSteps, graph_blocker
 from cifar_lightning.model.module import Classifier
 from cifar_lightning.model.net import build_net
-from cifar_lightning.wiring import build_logger_and_callbacks
+from cifar_lightning.targets import instantiate
 
 
 class NoopGraph:
@@ -53,13 +57,13 @@ class NoopGraph:
         pass
 
 
-class FreeReplays(Classifier):
+class FreeReplays(CudaGraphSteps):
     """model.cuda_graph's path with the replay made free, on any device."""
 
     graph_type = NoopGraph
 
-    def cuda_graph_blocker(self):
-        return self.graph_blocker()  # every rule but the device's
+    def blocker(self, trainer, pl_module):
+        return graph_blocker(trainer, pl_module)  # every rule but the device's
 
 
 class PerStepLogging(Classifier):
@@ -93,8 +97,11 @@ def plain(model_cfg, optim_cfg, x, y, batches, size, device):
     return (clock(device) - t0) / len(batches) * 1e3
 
 
-def lightning(cls, model_cfg, optim_cfg, x, y, batch, size, device, profiler=None, train_cfg=None):
-    """ms per training step of `cls` in a Trainer; with train_cfg, also train's callbacks and logger."""
+def lightning(
+    cls, model_cfg, optim_cfg, x, y, batch, size, device, profiler=None, train_cfg=None, extra=()
+):
+    """ms per training step of `cls` in a Trainer; with train_cfg, also train's callbacks and
+    logger."""
     module = cls(
         model=model_cfg,
         optim=optim_cfg,
@@ -130,12 +137,11 @@ def lightning(cls, model_cfg, optim_cfg, x, y, batch, size, device, profiler=Non
                 **options,
             ).fit(module, loader, loader)
 
-    fit(20)  # warm-up
+    fit(20, extra)  # warm-up
     timer = EpochTimer()
-    (profiler.runcall if profiler else lambda f, *a, **k: f(*a, **k))(fit, None, [timer])
-    return (
-        (timer.t1 - timer.t0) * 1e3 / (len(y) // batch)
-    )  # t1: the training steps end, validation starts
+    (profiler.runcall if profiler else lambda f, *a, **k: f(*a, **k))(fit, None, [timer, *extra])
+    # t1: the training steps end, validation starts
+    return (timer.t1 - timer.t0) * 1e3 / (len(y) // batch)
 
 
 def main():
@@ -185,8 +191,8 @@ def main():
         )
         times["graph0"].append(
             lightning(
-                FreeReplays,
-                {**model_cfg, "cuda_graph": True},
+                Classifier,
+                model_cfg,
                 optim_cfg,
                 x,
                 y,
@@ -194,6 +200,7 @@ def main():
                 args.size,
                 device,
                 train_cfg=cfg,
+                extra=[FreeReplays()],
             )
         )
     a = statistics.median(times["a"])

@@ -1,5 +1,6 @@
 """Batched, on-device augmentation in the spirit of Keras's preprocessing layers (RandomFlip,
-RandomRotation, RandomZoom, RandomTranslation): one affine grid per image, one grid_sample per batch."""
+RandomRotation, RandomZoom, RandomTranslation): one affine grid per image, one grid_sample per
+batch."""
 
 from __future__ import annotations
 

@@ -19,17 +19,16 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"ckpt_path={path}: no such file")
     try:
         # Never retried with weights_only=False: a checkpoint that needs it could run code.
-        with (
-            warnings.catch_warnings()
-        ):  # torch's note on a foreign pickle protocol: the error line says it all
+        # torch's note on a foreign pickle protocol: the error line says it all
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = _unpickler_reason(str(exc))
         if "global" in reason.lower():  # it names a class or function to import: code, not data
             raise UserError(
-                f"{path}: refused: it holds objects other than tensors and plain data, which could run "
-                f"code when loaded ({reason})"
+                f"{path}: refused: it holds objects other than tensors and plain data, which "
+                f"could run code when loaded ({reason})"
             ) from exc
         raise UserError(f"{path}: not a checkpoint ({reason or 'unreadable pickle'})") from exc
     except Exception as exc:
@@ -40,20 +39,20 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def _unpickler_reason(message: str) -> str:
-    """torch's own reason, without its advice to retry with weights_only=False or to allowlist globals."""
-    text = " ".join(message.split()).split("WeightsUnpickler error:")[
-        -1
-    ]  # the reason follows this, if present
+    """torch's own reason, without its advice to retry with weights_only=False or to allowlist
+    globals."""
+    # the reason follows this, if present
+    text = " ".join(message.split()).split("WeightsUnpickler error:")[-1]
     for advice in ("Please use", "Please file an issue", "Check the documentation"):
         text = text.split(advice)[0]
-    return text.split("trusted source.")[-1].strip()[
-        :200
-    ]  # after "Weights only load failed ... trusted source."
+    # after "Weights only load failed ... trusted source."
+    return text.split("trusted source.")[-1].strip()[:200]
 
 
 def image_rule(hp: dict, resize: str | None = None) -> tuple[int, str]:
     """(image size, resize rule) to decode images for a checkpoint's network: as its training did,
-    unless `resize` is given (checkpoints from before the rule was stored were trained with TF's)."""
+    unless `resize` is given. The rule is the datamodule's (its hyperparameters, merged into `hp`
+    by load_net); checkpoints from before the rule was stored were trained with TF's."""
     return int(hp.get("image_size", 32)), resize or hp.get("resize", "tf_bilinear")
 
 
@@ -62,7 +61,8 @@ def load_net(path: str | Path) -> tuple[ModelS | FlipAverage, list[str], dict]:
     model.tta_flip checkpoint's network averages with the mirror image, as its test phase did."""
     ckpt = load_checkpoint(path)
     try:
-        hp = ckpt["hyper_parameters"]
+        # the datamodule's hyperparameters hold how images were decoded (image_size, resize)
+        hp = {**ckpt.get("datamodule_hyper_parameters", {}), **ckpt["hyper_parameters"]}
         class_names = [str(c) for c in hp["class_names"]]
         model_cfg = {
             k: hp["model"][k]

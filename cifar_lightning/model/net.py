@@ -53,7 +53,7 @@ class ModelS(nn.Module):
             raise UserError(f"model.init={init} is not one of: {', '.join(INITS)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits. Rescaling 1/255 happens here, as Keras's Rescaling layer, so loaders stay uint8."""
+        """Logits. Rescaling by 1/255 happens here, as Keras's Rescaling layer does."""
         x = x.float() * (1.0 / 255.0)
         # Keras flattens NHWC; we flatten NCHW. The layer is the same up to a fixed permutation
         # of the 2048 inputs, so parameter count and function class are identical.
@@ -68,8 +68,8 @@ def flip_average(forward, x: torch.Tensor) -> torch.Tensor:
 
 
 class FlipAverage(nn.Module):
-    """A network that predicts as flip_average: evaluate and predict wrap a model.tta_flip checkpoint in it,
-    so they score it as its own test phase did."""
+    """A network that predicts as flip_average: evaluate and predict wrap a model.tta_flip
+    checkpoint in it, so they score it as its own test phase did."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -106,7 +106,8 @@ def build_net(cfg: dict, image_size: int = 32) -> ModelS:
 
 def count_params(net: nn.Module) -> tuple[int, int]:
     """(trainable parameters, BatchNorm running mean + var elements), as Keras counts them.
-    PyTorch's num_batches_tracked counters (one per BatchNorm) are not counted, as Keras has none."""
+    PyTorch's num_batches_tracked counters (one per BatchNorm) are not counted, as Keras has none.
+    """
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     stats = sum(
         b.numel() for n, b in net.named_buffers() if n.endswith(("running_mean", "running_var"))

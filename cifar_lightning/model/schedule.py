@@ -1,11 +1,12 @@
-"""Keras's ReduceLROnPlateau, expressed with torch's scheduler. The one place counting is converted."""
+"""Keras's ReduceLROnPlateau, expressed with torch's scheduler: the one place where its counting
+is converted; and the one-cycle schedule."""
 
 from __future__ import annotations
 
 import torch
 
-from cifar_lightning.config import complete, instantiate
 from cifar_lightning.errors import UserError
+from cifar_lightning.targets import complete, instantiate
 
 COUNTINGS = ("keras", "torch")  # scheduler.counting: whose plateau patience and threshold rules
 
@@ -34,9 +35,8 @@ def reduce_on_plateau(
     one: torch patience 0, not -1 (which would cut every epoch).
     Keras's min_delta is absolute: improvement means val_loss < best - min_delta.
     counting="torch" gives torch's own rule: its patience, relative threshold."""
-    if (
-        counting == "keras"
-    ):  # eps=0: Keras cuts however small the LR; torch stops below a 1e-8 change
+    # eps=0: Keras cuts however small the LR; torch stops below a 1e-8 change
+    if counting == "keras":
         torch_patience, threshold_mode, eps = max(patience - 1, 0), "abs", 0.0
     elif counting == "torch":  # PyTorch's own defaults: its counting, relative threshold
         torch_patience, threshold_mode, eps = patience, "rel", 1e-8
@@ -69,8 +69,9 @@ def one_cycle(
     # (a tiny dataset, one epoch) would die in the first step with ZeroDivisionError.
     if not 0 < pct_start < 1 or pct_start * total_steps <= 1:
         raise UserError(
-            f"scheduler.pct_start={pct_start} leaves no warm-up in {total_steps} steps: one-cycle needs "
-            f"0 < pct_start < 1 and pct_start x steps > 1 (more epochs or a smaller data.batch_size)"
+            f"scheduler.pct_start={pct_start} leaves no warm-up in {total_steps} steps: one-cycle "
+            "needs 0 < pct_start < 1 and pct_start x steps > 1 (more epochs or a smaller "
+            "data.batch_size)"
         )
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
