@@ -1,4 +1,5 @@
-"""Tiny image folders made in tmp_path, and config composition shared by the tests."""
+"""Tiny image folders made in tmp_path, config composition, and the small models and batches
+shared by the tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from cifar_lightning.config import compose
@@ -58,6 +61,34 @@ def cfg_for(run_dir: Path, data_root: Path, *overrides: str):
     )
 
 
+def make_classifier(tmp_path, **model):
+    """A Classifier of the default config, seeded; `model` overrides its model options."""
+    from cifar_lightning.model.module import Classifier  # here: lightning is slow to import
+
+    cfg = cfg_for(tmp_path, tmp_path)
+    torch.manual_seed(0)
+    module = Classifier(
+        model={**OmegaConf.to_container(cfg.model, resolve=True), **model},
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        scheduler=None,
+        class_names=CLASSES,
+    )
+    return module
+
+
+def image_batch(n=6):
+    """n seeded random uint8 32x32 images and their labels, 0-9 in turn."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return images, torch.arange(n) % 10
+
+
+def save_ckpt(module, path):
+    """A checkpoint of just the module's hyperparameters and weights, as load_net reads them."""
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    return path
+
+
 def run_cli(module: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("HYDRA_FULL_ERROR", None)
@@ -72,7 +103,8 @@ def run_cli(module: str, *args: str, cwd: Path, timeout: int = 300) -> subproces
 
 
 class RunsCode:
-    """Pickles as a call that writes $PWNED_MARKER: a hostile file's payload, for tests that it never runs."""
+    """Pickles as a call that writes $PWNED_MARKER: a hostile file's payload, for the tests that
+    it never runs."""
 
     def __reduce__(self):
         return (exec, ("open(__import__('os').environ['PWNED_MARKER'], 'w').write('ran')",))

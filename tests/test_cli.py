@@ -1,7 +1,11 @@
-"""The command lines, end to end, on tiny data made in tmp_path."""
+"""The command lines, end to end, on tiny data made in tmp_path: what they write, their error
+lines (cli.run, HYDRA_FULL_ERROR, SIGTERM), multirun sweeps and run directories."""
 
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,9 +90,8 @@ def test_train_writes_every_artefact(trained):
         for p in ["training_curves.png", "confusion_matrix.png", "roc_curves.png"]
     )
     assert "Trainable params: 815,018" in res.stdout and "Restoring best weights" in res.stdout
-    log = (
-        run / "train.log"
-    ).read_text()  # ours and Lightning's lines (checkpoint), once on the console
+    # ours and Lightning's lines (checkpoint), once on the console
+    log = (run / "train.log").read_text()
     assert "test accuracy" in log and "'val/loss' reached" in log and "INFO: " not in res.stderr
     ckpt = torch.load(run / "checkpoints/best.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["class_names"] == CLASSES
@@ -137,9 +140,8 @@ def test_prepare_builds_every_cache_so_training_starts_warm(tmp_path):
         *QUICK,
         cwd=tmp_path,
     )
-    assert (
-        res.returncode == 0 and "caching" not in res.stderr + res.stdout
-    )  # every split came from its cache
+    # every split came from its cache
+    assert res.returncode == 0 and "caching" not in res.stderr + res.stdout
     (root / "valid" / CLASSES[1] / "broken.png").write_bytes(PNG + b"torn")
     res = run_cli("cifar_lightning.prepare", f"data.root={root}", "data.cache=false", cwd=tmp_path)
     assert res.returncode != 0
@@ -160,8 +162,8 @@ def test_bad_override_is_one_error_line(tmp_path):
 
 
 def test_run_directory_that_cannot_be_made_is_one_error_line(tiny_layout, tmp_path):
-    # Hydra makes the run directory before our code runs: a path through a file (or a read-only mount,
-    # a full disk) was an OSError traceback
+    # Hydra makes the run directory before our code runs: a path through a file (or a read-only
+    # mount, a full disk) was an OSError traceback
     (tmp_path / "a_file").write_text("")
     res = run_cli(
         "cifar_lightning.train",
@@ -183,9 +185,8 @@ def test_only_the_machines_os_errors_are_user_facing():
         wrapped = RuntimeError("wrapped")
         wrapped.__cause__ = exc  # as `raise ... from exc` inside a library
         assert user_facing_cause(exc) is exc and user_facing_cause(wrapped) is exc
-    assert (
-        user_facing_cause(FileNotFoundError(2, "No such file", "x")) is None
-    )  # ours to name, or a bug
+    # ours to name, or a bug
+    assert user_facing_cause(FileNotFoundError(2, "No such file", "x")) is None
     assert user_facing_cause(OSError("no errno")) is None
 
 
@@ -211,9 +212,8 @@ def test_evaluate_another_folder_matches_classes_by_name(trained, tmp_path):
 def test_evaluate_unreadable_image_error_is_its_own_last_line(trained, tmp_path):
     run, _ = trained
     eval_dir = make_layout(tmp_path / "d", splits={"x": 2}) / "x"
-    bad = (
-        eval_dir / CLASSES[4] / "zz.jpg"
-    )  # decoded after the other classes' files: the bar is mid-way
+    # decoded after the other classes' files: the bar is mid-way
+    bad = eval_dir / CLASSES[4] / "zz.jpg"
     bad.write_text("not an image")
     res = run_cli(
         "cifar_lightning.evaluate",
@@ -225,9 +225,8 @@ def test_evaluate_unreadable_image_error_is_its_own_last_line(trained, tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {bad}: not a readable image"), res.stderr[-1000:]
-    assert (
-        last in (tmp_path / "eval" / "evaluate.log").read_text()
-    )  # the run directory says why it failed
+    # the run directory says why it failed
+    assert last in (tmp_path / "eval" / "evaluate.log").read_text()
 
 
 def test_evaluate_mismatched_classes_lists_the_difference(trained, tmp_path):
@@ -287,12 +286,13 @@ def test_hydra_experimental_rerun_is_refused_before_it_unpickles(tmp_path, monke
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED_MARKER", str(marker))
     (tmp_path / "config.pickle").write_bytes(pickle.dumps(RunsCode()))
+    # argparse takes abbreviations
     for args in (
         ["--experimental-rerun", "config.pickle"],
         ["--experimental-rerun=config.pickle"],
         ["--exp", "config.pickle"],
         ["--experimental-rer=config.pickle"],
-    ):  # argparse takes abbreviations
+    ):
         res = run_cli(module, *args, cwd=tmp_path)
         assert res.returncode == 2 and "Traceback" not in res.stderr
         assert (
@@ -305,10 +305,8 @@ def test_hydra_experimental_rerun_is_refused_before_it_unpickles(tmp_path, monke
     "content,message",
     [
         (b"hello, not a checkpoint\n", r"x.ckpt: not a checkpoint \(KeyError: 101\)$"),
-        (
-            b"x\n",
-            r"x.ckpt: not a checkpoint \(Unsupported operand 120\)$",
-        ),  # torch's reason, not its advice
+        # torch's reason, not its advice
+        (b"x\n", r"x.ckpt: not a checkpoint \(Unsupported operand 120\)$"),
         (b"", r"x.ckpt: not a checkpoint \(EOFError\)$"),
     ],
 )
@@ -363,7 +361,7 @@ def test_bench_runs_every_pipeline_and_writes_json(tiny_layout, tmp_path):
         and out["scaling_batch_size"]
     )
     assert "(a) at batch 8:" in res.stdout and "(a) on 0.5 of the train set:" in res.stdout
-    # (c) is timed as train runs it: with the configured callbacks and logger; their files are removed
+    # (c) is timed as train runs it, with the configured callbacks and logger; their files removed
     c = out["results"][2]
     assert {
         "ModelCheckpoint",
@@ -441,9 +439,8 @@ def test_bench_compile_payoff_arithmetic():
     timed["c", "32-true+compile"] = runs((21.0, 58.0), (0.5, 81.0), (0.4, 79.0))
     (p,) = compile_payoff(timed)
     assert p["saved_per_epoch_s_per_round"] == [2.0, -11.0, 1.0] and p["saved_per_epoch_s"] == 1.0
-    assert (
-        p["one_off_s"] == 20.0 and p["pays_off_after_epochs"] == 20.0
-    )  # the first round's compile
+    # the first round's compile
+    assert p["one_off_s"] == 20.0 and p["pays_off_after_epochs"] == 20.0
     timed["c", "32-true+compile"][0]["one_off_s"] = 0.2  # below eager's: noise, not a negative cost
     assert (
         compile_payoff(timed)[0]["one_off_s"] == 0.0
@@ -487,27 +484,90 @@ def test_a_foreign_pickle_is_one_line_without_torchs_protocol_warning(tmp_path, 
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
 
 
-def test_entry_points_are_leaves():
-    """No entry point imports another: what several share lives in wiring.py, so changing one
-    command's code can't change another's behaviour."""
-    import ast
-    from pathlib import Path
+def test_hydra_full_error_shows_the_traceback_of_a_user_error(tmp_path):
+    # HYDRA_FULL_ERROR=1 is how a user asks for the traceback behind an `error:` line.
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "1"}
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cifar_lightning.evaluate",
+            f"ckpt_path={tmp_path / 'nope.ckpt'}",
+            f"eval_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode != 0
+    assert "Traceback (most recent call last)" in res.stderr
+    assert "UserError: ckpt_path=" in res.stderr and "nope.ckpt: no such file" in res.stderr
 
-    import cifar_lightning
 
-    package = Path(cifar_lightning.__file__).parent
-    entry = {p.stem for p in package.glob("*.py") if "__main__" in p.read_text()}
-    assert {"train", "evaluate", "predict", "prepare", "bench", "notebook"} <= entry
-    found = []
-    for path in [*package.rglob("*.py"), *(package.parent / "scripts").glob("*.py")]:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):  # `from cifar_lightning import train` too
-                names = [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
-            else:
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            found += [
-                f"{path.name} imports {n}"
-                for n in names
-                if n.removeprefix("cifar_lightning.") in entry
-            ]
-    assert not found
+def test_multirun_with_a_failing_job_completes_the_others(tiny_layout, tmp_path):
+    res = run_cli(
+        "cifar_lightning.train",
+        "-m",
+        "optim.lr=-1,1e-3",
+        f"data.root={tiny_layout}",
+        "trainer.max_epochs=1",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        *QUICK,
+        cwd=tmp_path,
+    )
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1].startswith("error: optim:")
+    assert (tmp_path / "sweep" / "1" / "metrics.json").exists()
+    # each job's train.log says how that job ended: the failed one its error line, the other none
+    assert (
+        "error: optim: invalid RMSprop hyperparameters lr=-1"
+        in (tmp_path / "sweep" / "0" / "train.log").read_text()
+    )
+    assert "error:" not in (tmp_path / "sweep" / "1" / "train.log").read_text()
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert (
+        "| completed |" in summary
+        and "| failed |" in summary
+        and "invalid RMSprop hyperparameters lr=-1" in summary
+    )
+
+
+def test_two_runs_started_together_get_two_directories(tiny_layout, tmp_path):
+    cmd = [sys.executable, "-m", "cifar_lightning.prepare", f"data.root={tiny_layout}"]
+    procs = [
+        subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert len(list((tmp_path / "outputs").glob("*/*"))) == 2
+
+
+@pytest.mark.parametrize(
+    "after, line",
+    [
+        (
+            "continue with resume=PATH/checkpoints/last.ckpt",
+            "error: stopped by SIGTERM; continue with resume=PATH/checkpoints/last.ckpt",
+        ),
+        ("", "error: stopped by SIGTERM"),
+    ],
+)
+def test_sigterm_line_gives_the_next_step_only_where_there_is_one(monkeypatch, capsys, after, line):
+    # train can be resumed; bench (the other entry point that runs a Trainer fit) cannot
+    from cifar_lightning.cli import run as cli
+
+    SIGTERMException = type("SIGTERMException", (SystemExit,), {})  # Lightning's, matched by name
+    monkeypatch.setattr(sys, "argv", ["x"])
+    monkeypatch.setattr(sys, "stderr", sys.stderr)  # cli wraps both; restored after the test
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+
+    def stopped():
+        raise SIGTERMException()
+
+    with pytest.raises(SystemExit) as exc:
+        cli(stopped, after_sigterm=after)
+    assert exc.value.code == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == line

@@ -6,16 +6,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cifar_lightning.config import (
-    CONF_DIR,
-    check_override_targets,
-    check_targets,
-    check_values,
-    compose,
-    instantiate,
-)
+from cifar_lightning.config import CONF_DIR, check_values, compose
 from cifar_lightning.errors import UserError
 from cifar_lightning.model.schedule import build_scheduler
+from cifar_lightning.targets import check_override_targets, check_targets, instantiate
 from tests.conftest import cfg_for
 
 GROUPS = {
@@ -55,9 +49,8 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
             assert instantiate(cb, f"callbacks.{key}") is not None
     if cfg.logger._target_:
         assert instantiate(cfg.logger, "logger") is not None
-    trainer_cfg = OmegaConf.merge(
-        cfg.trainer, {"accelerator": "cpu", "devices": 1}
-    )  # CI has no GPU
+    # CI has no GPU
+    trainer_cfg = OmegaConf.merge(cfg.trainer, {"accelerator": "cpu", "devices": 1})
     trainer = instantiate(trainer_cfg, "trainer", logger=False, enable_checkpointing=False)
     assert trainer.max_epochs == cfg.trainer.max_epochs
 
@@ -139,10 +132,8 @@ def test_command_line_check_passes_allowed_targets_and_deletions():
             "trainer.max_epochs=abc",
             "trainer.max_epochs=abc: must be -1 (no limit) or a whole number >= 1",
         ),
-        (
-            "fidelity.init=bogus",
-            "fidelity.init=bogus is not one of: glorot, torch",
-        ),  # the key typed, not model.init
+        # the key typed, not model.init
+        ("fidelity.init=bogus", "fidelity.init=bogus is not one of: glorot, torch"),
         ("optim.eps=abc", "optim.eps=abc: must be a number"),
         ("fidelity.rmsprop_eps=abc", "fidelity.rmsprop_eps=abc: must be a number"),
         ("scheduler.factor=x", "scheduler.factor=x: must be a number"),
@@ -155,16 +146,16 @@ def test_command_line_check_passes_allowed_targets_and_deletions():
         ("model.hidden=abc", "model.hidden=abc: must be a whole number >= 1"),
         (
             "model.widths=abc",
-            "model.widths=abc: must be a list like [32,64,128]; each item must be a whole number >= 1",
+            "model.widths=abc: must be a list like [32,64,128]; "
+            "each item must be a whole number >= 1",
         ),
         (
             "model.widths=[32,0,128]",
-            "model.widths=[32, 0, 128]: must be a list like [32,64,128]; each item must be a whole number >= 1",
+            "model.widths=[32, 0, 128]: must be a list like [32,64,128]; "
+            "each item must be a whole number >= 1",
         ),
-        (
-            "fidelity.bn_eps=abc",
-            "fidelity.bn_eps=abc: must be a number > 0",
-        ),  # the key typed, not model.bn_eps
+        # the key typed, not model.bn_eps
+        ("fidelity.bn_eps=abc", "fidelity.bn_eps=abc: must be a number > 0"),
         ("model.l2=-1", "model.l2=-1: must be a number >= 0"),
         ("model.label_smoothing=abc", "model.label_smoothing=abc: must be a number in [0, 1)"),
         (
@@ -177,14 +168,16 @@ def test_command_line_check_passes_allowed_targets_and_deletions():
             "model.augment={'flip': True, 'shear': 3}: must be null or {flip: "
             "true|false, rotation_deg: N, zoom: N, translate: N} with numbers >= 0",
         ),
-        # Any string is truthy: `test=no` would run the test phase, `data.skip_bad_files=no` would skip files.
+        # Any string is truthy: `test=no` would run the test phase, `data.skip_bad_files=no` skip
+        # files.
         ("test=no", "test=no: must be true or false"),
         ("data.skip_bad_files=no", "data.skip_bad_files=no: must be true or false"),
         ("data.cache=off", "data.cache=off: must be true or false"),
         ("model.compile=yes", "model.compile=yes: must be true or false"),
         (
             "data.train_dirs=abc",
-            "data.train_dirs=abc: must be a list like [train_1,train_2]; each item must be a folder name",
+            "data.train_dirs=abc: must be a list like [train_1,train_2]; "
+            "each item must be a folder name",
         ),
         ("monitor=val/accc", "monitor=val/accc is not one of: val/loss, val/acc"),
         ("monitor_mode=bogus", "monitor_mode=bogus is not one of: min, max"),
@@ -225,9 +218,8 @@ def test_a_value_of_the_wrong_kind_is_named_before_anything_runs(override, messa
     from cifar_lightning.train import train
 
     with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
-        train(
-            cfg_for(tmp_path / "run", tmp_path / "no_data", override)
-        )  # before the data is even looked at
+        # before the data is even looked at
+        train(cfg_for(tmp_path / "run", tmp_path / "no_data", override))
     assert not (tmp_path / "run").exists()
 
 
@@ -260,7 +252,8 @@ def test_every_option_passes_the_value_check(group, option, tmp_path):
         (
             "bench",
             "fractions=[0]",
-            "fractions=[0]: must be a list like [0.25,0.5,1.0]; each item must be a number in (0, 1]",
+            "fractions=[0]: must be a list like [0.25,0.5,1.0]; "
+            "each item must be a number in (0, 1]",
         ),
         (
             "bench",
@@ -270,7 +263,8 @@ def test_every_option_passes_the_value_check(group, option, tmp_path):
         (
             "bench",
             "cuda_graph_c=[no]",
-            "cuda_graph_c=['no']: must be a list like [false,true]; each item must be true or false",
+            "cuda_graph_c=['no']: must be a list like [false,true]; "
+            "each item must be true or false",
         ),
         (
             "bench",
@@ -294,15 +288,14 @@ def test_evaluate_predict_and_bench_check_their_own_values_first(
         "bench": [f"data.root={tmp_path / 'no_data'}"],
     }[entry]
     cfg = compose([f"run_dir={tmp_path / 'run'}", *given, override], config_name=entry)
-    with pytest.raises(
-        UserError, match=f"^{re.escape(message)}$"
-    ):  # before the missing checkpoint or data
+    # before the missing checkpoint or data
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
         run(cfg)
     assert not (tmp_path / "run").exists()
 
 
 def test_device_cuda_without_a_gpu_is_one_error_line(monkeypatch):
-    from cifar_lightning.wiring import pick_device
+    from cifar_lightning.inference import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match=r"^device=cuda: no CUDA GPU is usable here"):

@@ -1,7 +1,7 @@
-"""model.cuda_graph: each full training batch replays one captured step. On the CPU a stand-in "graph"
-calls the captured function again, so these tests check everything around the capture (warm-up, partial
-batches, re-capture when the learning rate changes, step counting, epoch sums) against eager training,
-bit for bit; the GPU test checks a real CUDA graph against eager steps."""
+"""model.cuda_graph: each full training batch replays one captured step. On the CPU a stand-in
+"graph" calls the captured function again, so these tests check everything around the capture
+(warm-up, partial batches, re-capture when the learning rate changes, step counting, epoch sums)
+against eager training, bit for bit; the GPU test checks a real CUDA graph against eager steps."""
 
 import csv
 
@@ -10,16 +10,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import cifar_lightning.build as build
 import cifar_lightning.train as train_module
-from cifar_lightning.model.graphed import GraphedStep
+from cifar_lightning.model.graphed import CudaGraphSteps, GraphedStep, graph_blocker
 from cifar_lightning.model.module import Classifier
-from cifar_lightning.wiring import build_logger_and_callbacks
 from tests.conftest import CLASSES, cfg_for
 
 
 class ReplayedCall:
-    """A CUDA graph's stand-in: replay() runs the captured call again. It checks what a real graph can't
-    see change: the learning rates, which a capture bakes in."""
+    """A CUDA graph's stand-in: replay() runs the captured call again. It checks what a real graph
+    can't see change: the learning rates, which a capture bakes in."""
 
     optimizer = None  # set by the test
 
@@ -33,22 +33,36 @@ class ReplayedCall:
         self.fn()
 
 
-class CpuGraphed(Classifier):
+class CpuGraphSteps(CudaGraphSteps):
+    """model.cuda_graph's callback with the stand-in graph, on the CPU."""
+
     graph_type = ReplayedCall
     made: list = []
+
+    def blocker(self, trainer, pl_module):
+        return graph_blocker(trainer, pl_module)  # every rule but the device's
+
+    def on_train_start(self, trainer, pl_module):
+        ReplayedCall.optimizer = pl_module.optimizers().optimizer
+        super().on_train_start(trainer, pl_module)
+        CpuGraphSteps.made.append(pl_module.graphed)
+
+
+class CpuGraphed(Classifier):
+    """Records the size of every batch that ran eagerly."""
+
     eager_sizes: list = []
 
-    def _eager_step(self, x, y):
+    def eager_step(self, x, y):
         CpuGraphed.eager_sizes.append(len(y))
-        super()._eager_step(x, y)
+        super().eager_step(x, y)
 
-    def cuda_graph_blocker(self):
-        return self.graph_blocker()  # every rule but the device's: the stand-in runs on the CPU
 
-    def on_train_start(self):
-        ReplayedCall.optimizer = self.optimizers().optimizer
-        super().on_train_start()
-        CpuGraphed.made.append(self.graphed)
+def use_stand_in_graph(monkeypatch, module_class=CpuGraphed):
+    monkeypatch.setattr(build, "CudaGraphSteps", CpuGraphSteps)
+    monkeypatch.setattr(build, "Classifier", module_class)
+    CpuGraphSteps.made = []
+    CpuGraphed.eager_sizes = []
 
 
 def _history(path):
@@ -57,9 +71,9 @@ def _history(path):
 
 
 def test_replayed_steps_train_exactly_as_eager_steps(tiny_layout, tmp_path, monkeypatch):
-    # 20 images per train dir at batch 8: 8, 8, 4 per dir, so partial batches run eagerly between replays.
-    # min_delta=100: no epoch after the first improves, so the plateau (patience 1) cuts the rate after
-    # epoch 2, and the step is captured again in epoch 3.
+    # 20 images per train dir at batch 8: 8, 8, 4 per dir, so partial batches run eagerly between
+    # replays. min_delta=100: no epoch after the first improves, so the plateau (patience 1) cuts
+    # the rate after epoch 2, and the step is captured again in epoch 3.
     overrides = [
         "trainer.max_epochs=3",
         "data.batch_size=8",
@@ -71,29 +85,22 @@ def test_replayed_steps_train_exactly_as_eager_steps(tiny_layout, tmp_path, monk
         "model.l2=0.001",
     ]
     eager = train_module.train(cfg_for(tmp_path / "eager", tiny_layout, *overrides))
-    monkeypatch.setattr(train_module, "Classifier", CpuGraphed)
-    CpuGraphed.made.clear()
-    CpuGraphed.eager_sizes.clear()
+    use_stand_in_graph(monkeypatch)
     graphed = train_module.train(
         cfg_for(tmp_path / "graphed", tiny_layout, *overrides, "model.cuda_graph=true")
     )
-    (steps,) = CpuGraphed.made
-    assert (steps.eager_steps, steps.captures) == (
-        3,
-        2,
-    )  # warm-up; epoch 1 and after the cut before epoch 3
-    # 36 steps: the warm-up's 3, then every full batch replays and every partial one (4 images) runs eagerly
+    (steps,) = CpuGraphSteps.made
+    # warm-up; epoch 1 and after the cut before epoch 3
+    assert (steps.eager_steps, steps.captures) == (3, 2)
+    # 36 steps: the warm-up's 3, then full batches replay and partial ones (4 images) run eagerly
     assert steps.replays + len(CpuGraphed.eager_sizes) == 3 * 12
     assert CpuGraphed.eager_sizes[3:] == [4] * (12 - CpuGraphed.eager_sizes[:3].count(4))
     rows_e, rows_g = (
         _history(tmp_path / "eager/history.csv"),
         _history(tmp_path / "graphed/history.csv"),
     )
-    assert [r["lr"] for r in rows_g] == [
-        "0.001",
-        "0.001",
-        "0.0001",
-    ]  # epoch 3 trains at the cut rate
+    # epoch 3 trains at the cut rate
+    assert [r["lr"] for r in rows_g] == ["0.001", "0.001", "0.0001"]
     for e, g in zip(rows_e, rows_g, strict=True):
         assert {k: e[k] for k in e if k != "epoch_seconds"} == {
             k: g[k] for k in g if k != "epoch_seconds"
@@ -111,7 +118,7 @@ def test_replayed_steps_train_exactly_as_eager_steps(tiny_layout, tmp_path, monk
 
 
 def test_graphed_step_warms_up_captures_full_batches_and_recaptures_on_a_new_rate():
-    calls = []
+    calls, counted = [], []
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     ReplayedCall.optimizer = opt
     steps = GraphedStep(
@@ -121,16 +128,16 @@ def test_graphed_step_warms_up_captures_full_batches_and_recaptures_on_a_new_rat
         batch_size=2,
         warmup=1,
         graph_type=ReplayedCall,
+        count=lambda: counted.append(len(calls)),
     )
     batch = lambda *v: (torch.tensor(v), torch.zeros(len(v)))  # noqa: E731
-    assert [steps(*batch(1, 2)), steps(*batch(3, 4)), steps(*batch(5)), steps(*batch(6, 7))] == [
-        False,
-        True,
-        False,
-        True,
-    ]
+    for values in [(1, 2), (3, 4), (5,), (6, 7)]:
+        steps(*batch(*values))
+    # each replay is counted once, after it ran; eager steps are Lightning's to count
+    assert counted == [2, 4] and steps.replays == 2
     opt.param_groups[0]["lr"] = 0.01
-    assert steps(*batch(8, 9))
+    steps(*batch(8, 9))
+    assert counted == [2, 4, 5]
     # the replays see each batch copied into the captured inputs
     assert calls == [
         ("eager", [1, 2]),
@@ -153,9 +160,8 @@ def _adam_after_one_step(device):
 def test_checkpoints_keep_the_capturable_flag_adam_had_before_the_graph(tiny_layout, tmp_path):
     opt = _adam_after_one_step("cpu")
     steps = GraphedStep(step=None, eager=None, optimizer=opt, batch_size=2)
-    assert (
-        steps.capturable_was == [False] and opt.param_groups[0]["capturable"] is False
-    )  # CPU Adam can't capture
+    # CPU Adam can't capture
+    assert steps.capturable_was == [False] and opt.param_groups[0]["capturable"] is False
     module = Classifier(
         model=OmegaConf.to_container(cfg_for(tmp_path, tiny_layout).model, resolve=True),
         optim={"_target_": "torch.optim.Adam", "_partial_": True},
@@ -164,7 +170,7 @@ def test_checkpoints_keep_the_capturable_flag_adam_had_before_the_graph(tiny_lay
     )
     module.graphed = steps
     checkpoint = {"optimizer_states": [{"param_groups": [{"lr": 1e-3, "capturable": True}]}]}
-    module.on_save_checkpoint(checkpoint)
+    CudaGraphSteps().on_save_checkpoint(None, module, checkpoint)
     assert checkpoint["optimizer_states"][0]["param_groups"][0]["capturable"] is False
 
 
@@ -177,7 +183,7 @@ def test_adam_on_the_gpu_is_made_capturable_with_its_step_counter_on_the_device(
 
 
 def test_cuda_graph_on_the_cpu_trains_eagerly_and_says_why(tiny_layout, tmp_path, caplog):
-    caplog.set_level("INFO", logger="cifar_lightning.model.module")
+    caplog.set_level("INFO", logger="cifar_lightning.model.graphed")
     train_module.train(
         cfg_for(
             tmp_path,
@@ -197,7 +203,7 @@ def test_cuda_graph_on_the_cpu_trains_eagerly_and_says_why(tiny_layout, tmp_path
 )
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_a_real_cuda_graph_trains_like_eager_steps_on_the_gpu(tiny_layout, tmp_path, precision):
-    # Dropout off and deterministic cuDNN: the graph and eager runs then differ only by float rounding.
+    # Dropout off and deterministic cuDNN: graph and eager runs then differ only by float rounding.
     torch.backends.cudnn.deterministic = True
     try:
         overrides = [
@@ -236,10 +242,9 @@ def test_a_real_cuda_graph_trains_like_eager_steps_on_the_gpu(tiny_layout, tmp_p
 
 def test_bench_reports_how_a_graphed_timed_epoch_ran(tiny_layout, tmp_path, monkeypatch, capsys):
     import cifar_lightning.bench as bench_module
-    import cifar_lightning.bench_pipelines as pipelines
     from cifar_lightning.config import compose
 
-    monkeypatch.setattr(pipelines, "Classifier", CpuGraphed)
+    use_stand_in_graph(monkeypatch)
     cfg = compose(
         [
             f"run_dir={tmp_path}",
@@ -256,8 +261,8 @@ def test_bench_reports_how_a_graphed_timed_epoch_ran(tiny_layout, tmp_path, monk
         config_name="bench",
     )
     (row,) = bench_module.bench(cfg)["results"]
-    # 4 train dirs of 20 images at batch 4: 20 full batches; the timed fit warms up (3 eager steps) and
-    # captures again, as every fresh fit does
+    # 4 train dirs of 20 images at batch 4: 20 full batches; the timed fit warms up (3 eager steps)
+    # and captures again, as every fresh fit does
     assert row["variant"] == "32-true+graph" and row["train_steps"] == 20
     assert row["graph"] == {"warmup_steps": 3, "captures": 1, "replays": 17}
     assert "3 eager warm-up steps, 1 capture(s), 17 of 20 steps replayed" in capsys.readouterr().out
@@ -304,18 +309,15 @@ def test_a_hook_that_replays_would_skip_keeps_steps_eager(
 ):
     # The hook must run on every one of the 4 dirs x 3 batches of 8, which replays would skip
     module_class, callback, name = HOOKED[case]
-    caplog.set_level("INFO", logger="cifar_lightning.model.module")
-    monkeypatch.setattr(train_module, "Classifier", module_class)
+    caplog.set_level("INFO", logger="cifar_lightning.model.graphed")
+    use_stand_in_graph(monkeypatch, module_class)
+    extra = [callback()] if callback else []
     monkeypatch.setattr(
         train_module,
-        "build_logger_and_callbacks",
-        lambda cfg: (
-            False,
-            [*build_logger_and_callbacks(cfg)[1], *([callback()] if callback else [])],
-        ),
+        "build_trainer",
+        lambda cfg, *callbacks, **kw: build.build_trainer(cfg, *callbacks, *extra, **kw),
     )
     monkeypatch.setattr(GradientHook, "calls", 0)
-    CpuGraphed.made = []
     train_module.train(
         cfg_for(
             tmp_path,
@@ -328,4 +330,4 @@ def test_a_hook_that_replays_would_skip_keeps_steps_eager(
         )
     )
     assert f"model.cuda_graph: eager steps, {name} would not run on replayed steps" in caplog.text
-    assert CpuGraphed.made == [None] and GradientHook.calls == 12
+    assert CpuGraphSteps.made == [None] and GradientHook.calls == 12

@@ -1,11 +1,21 @@
-"""The metrics against a plain numpy computation, and the figures as real PNG files."""
+"""report.py: the metrics against a plain numpy computation, the figures as real PNG files and
+what the history plot draws, predictions.csv, atomic and readable writes, the best epoch, and the
+sweep summary."""
+
+import csv
+import math
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from cifar_lightning import report
+from cifar_lightning.notebook import BEST_EPOCH
+from cifar_lightning.notebook import VAL_LOSS as NOTEBOOK_VAL_LOSS
 from cifar_lightning.report import (
+    best_epoch,
     classification_metrics,
     plot_confusion,
     plot_history,
@@ -75,9 +85,8 @@ def test_auroc_of_a_class_missing_from_the_test_set_is_undefined_not_zero():
     m = classification_metrics(torch.from_numpy(logits), torch.from_numpy(y), CLASSES)
     assert np.isnan(m["per_class"][CLASSES[2]]["auroc"])
     assert m["per_class"][CLASSES[0]]["auroc"] == pytest.approx(ref["auc"][0], abs=1e-5)
-    assert m["auroc_macro"] == pytest.approx(
-        ref["auc"][:2].mean(), abs=1e-5
-    )  # over the defined classes
+    # over the defined classes
+    assert m["auroc_macro"] == pytest.approx(ref["auc"][:2].mean(), abs=1e-5)
 
 
 def test_figures_are_valid_pngs(tmp_path):
@@ -154,7 +163,8 @@ def test_sweep_summary_puts_the_best_job_by_its_monitor_first(tmp_path, monitor,
 
     from cifar_lightning.report import read_csv, write_summary
 
-    # job 1 has the lowest val loss, job 0 the highest val accuracy; None: rows from before monitors were recorded
+    # job 1 has the lowest val loss, job 0 the highest val accuracy; None: rows from before
+    # monitors were recorded
     for job, (loss, acc) in enumerate([(0.7, 0.83), (0.6, 0.80), (0.8, 0.82)]):
         (tmp_path / str(job)).mkdir()
         row = {
@@ -194,9 +204,138 @@ def test_a_sweep_over_the_monitor_itself_keeps_job_order(tmp_path):
         }
         (tmp_path / str(job) / "summary_row.json").write_text(json.dumps(row))
     write_summary(tmp_path)
-    assert [r["job"] for r in read_csv(tmp_path / "summary.csv")] == [
-        "0",
-        "1",
-        "2",
-        "10",
-    ]  # 10 after 2: numeric
+    # 10 after 2: numeric
+    assert [r["job"] for r in read_csv(tmp_path / "summary.csv")] == ["0", "1", "2", "10"]
+
+
+def test_best_epoch_keeps_the_first_of_tied_val_losses():
+    # Keras's checkpoint and restore-best count only strict improvements, so a tie keeps the earlier
+    # epoch.
+    # as read from history.csv
+    rows = [{"epoch": "1", "val_loss": "1.0"}, {"epoch": "2", "val_loss": "1.0"}]
+    assert best_epoch(rows) == 1
+    # as History keeps them
+    assert best_epoch([{"epoch": 1, "val_loss": 1.0}, {"epoch": 2, "val_loss": 1.0}]) == 1
+
+
+def test_best_epoch_follows_the_monitor_and_its_mode():
+    rows = [
+        {"epoch": 1, "val_loss": 1.0, "val_acc": 0.5},
+        {"epoch": 2, "val_loss": 0.9, "val_acc": 0.4},
+        {"epoch": 3, "val_loss": 1.1, "val_acc": 0.6},
+        {"epoch": 4, "val_loss": 1.2, "val_acc": 0.6},
+    ]
+    assert best_epoch(rows) == 2
+    assert best_epoch(rows, "val/acc", "max") == 3  # the first of the tied best
+    assert best_epoch(rows, "val/acc", "min") == 2
+
+
+def test_best_epoch_of_the_notebook_log_is_13():
+    # report.best_epoch itself, on the notebook's val_loss log (test_schedule checks it by hand).
+    rows = [{"epoch": e, "val_loss": v} for e, v in enumerate(NOTEBOOK_VAL_LOSS, start=1)]
+    assert best_epoch(rows) == BEST_EPOCH == 13
+
+
+@pytest.mark.filterwarnings("ignore:No (positive|negative) samples in targets")
+def test_auroc_of_a_class_that_is_every_label_is_undefined_and_so_is_the_macro():
+    # One-vs-rest AUROC needs negatives too: with every label class 0, no class has both positives
+    # and negatives, so each AUROC is NaN and the macro mean has nothing to average.
+    logits = torch.from_numpy(np.random.default_rng(2).normal(size=(12, 3)).astype(np.float32))
+    m = report.classification_metrics(logits, torch.zeros(12, dtype=torch.long), CLASSES)
+    assert math.isnan(m["per_class"][CLASSES[0]]["auroc"])
+    assert all(math.isnan(m["per_class"][c]["auroc"]) for c in CLASSES)
+    assert math.isnan(m["auroc_macro"])
+
+
+def test_predictions_csv_has_label_argmax_and_probabilities_in_path_order(tmp_path):
+    # label is the truth and prediction the argmax (a swap reads as perfect or nonsense accuracy);
+    # rows follow `paths` so a row can be traced to its file.
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(9, 3)).astype(np.float32)
+    y = (logits.argmax(1) + np.arange(9)) % 3  # right on some rows, wrong on others
+    paths = [f"img/{name}.png" for name in "zyxwvutsr"]  # not sorted: the order must be kept
+    report.write_predictions(
+        tmp_path / "p.csv", paths, torch.from_numpy(y), torch.from_numpy(logits), CLASSES
+    )
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert [r["path"] for r in rows] == paths
+    assert [int(r["label"]) for r in rows] == y.tolist()
+    assert [int(r["prediction"]) for r in rows] == probs.argmax(1).tolist()
+    for r, p in zip(rows, probs):
+        assert [float(r[c]) for c in CLASSES] == pytest.approx(p.tolist(), abs=1e-6)
+        assert sum(float(r[c]) for c in CLASSES) == pytest.approx(1, abs=1e-5)
+
+
+def test_a_failed_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
+    # metrics.json is replaced in one step: a crash while writing leaves the previous file whole.
+    target = tmp_path / "metrics.json"
+    report.write_json(target, {"test_accuracy": 0.5})
+    before = target.read_bytes()
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        report.write_json(target, {"test_accuracy": 0.9})
+    assert target.read_bytes() == before
+
+
+def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    # A failed write should not leave .metrics.json.*.tmp files piling up in the run directory.
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report.os, "replace", crash)
+    with pytest.raises(OSError):
+        report.write_json(tmp_path / "metrics.json", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_written_artefacts_are_readable_by_others(tmp_path):
+    # mkstemp creates 0600 files; artefacts are meant to be read by other users, whatever the umask.
+    old = os.umask(0o077)
+    try:
+        report.write_csv(tmp_path / "s.csv", [{"a": 1}], ["a"])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s.csv").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "s.csv").read_text() == "a\n1\n"
+
+
+def test_history_plot_draws_train_and_val_with_best_epoch_and_lr_cuts():
+    # The curves must show what history.csv says: val is not train, acc left and loss right,
+    # the best epoch (first lowest val_loss) and a dotted line after each epoch whose LR was cut.
+    lrs = [1e-3, 1e-3, 1e-4, 1e-4, 1e-5]
+    val_loss = [1.0, 0.8, 0.9, 0.8, 1.1]  # a tie: Keras keeps the first
+    rows = [
+        {
+            "epoch": e,
+            "train_acc": 0.1 * e,
+            "val_acc": 0.05 * e + 0.02,
+            "train_loss": 2.0 / e,
+            "val_loss": val_loss[e - 1],
+            "lr": lrs[e - 1],
+        }
+        for e in range(1, 6)
+    ]
+    best = 1 + val_loss.index(min(val_loss))
+    cuts = [rows[i - 1]["epoch"] + 0.5 for i in range(1, 5) if lrs[i] < lrs[i - 1]]
+    fig = report.plot_history(rows, best=report.best_epoch(rows))
+    try:
+        for ax, what in zip(fig.axes, ("acc", "loss")):
+            lines = {ln.get_label(): ln for ln in ax.lines}
+            for split in ("train", "val"):
+                ln = lines[f"{split} {what}"]
+                assert list(ln.get_xdata()) == [1, 2, 3, 4, 5]
+                assert list(ln.get_ydata()) == pytest.approx([r[f"{split}_{what}"] for r in rows])
+            assert ax.get_ylabel() == what
+            assert list(lines[f"best epoch {best}"].get_xdata()) == [best, best]
+            dotted = [ln.get_xdata()[0] for ln in ax.lines if ln.get_linestyle() == ":"]
+            assert dotted == cuts
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

@@ -1,9 +1,12 @@
-"""Replay the notebook's val_loss log through the configured plateau schedule and early stopping."""
+"""The learning-rate schedules (model/schedule.py): the notebook's val_loss log replayed through
+the configured plateau schedule and early stopping, Keras's counting and absolute min_delta against
+torch's, a one-cycle schedule too short to warm up, and how a cut is announced."""
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import OmegaConf
+from torch import nn
 
 from cifar_lightning.errors import UserError
 from cifar_lightning.model.schedule import build_scheduler
@@ -59,8 +62,9 @@ def test_keras_counting_matches_keras_for_every_patience(patience, tmp_path):
 
 
 def test_torch_counting_differs(tmp_path):
-    # torch cuts when bad epochs > patience, i.e. after 4 bad epochs in a row, not 3: the runs of 3 after
-    # epochs 5 and 9 (each ended by an improvement at 9 and 13) cut nothing; 14-17 cut after 17.
+    # torch cuts when bad epochs > patience, i.e. after 4 bad epochs in a row, not 3: the runs of
+    # 3 after epochs 5 and 9 (each ended by an improvement at 9 and 13) cut nothing; 14-17 cut
+    # after 17.
     cuts, _, _ = replay(cfg_for(tmp_path, tmp_path, "fidelity=torch"))
     assert cuts == [17]
 
@@ -107,3 +111,29 @@ def test_a_cut_is_announced_as_keras_did_only_for_the_plateau_schedule(
     trainer.current_epoch = 1
     history.on_train_epoch_start(trainer, None)
     assert ("ReduceLROnPlateau reducing learning rate" in caplog.text) is printed
+
+
+def _container(node):
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def _plateau_cuts(cfg, losses):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    sched, _ = build_scheduler(_container(cfg.scheduler), opt, None)
+    cuts = []
+    for epoch, loss in enumerate(losses, start=1):
+        before = opt.param_groups[0]["lr"]
+        sched.step(loss)
+        if opt.param_groups[0]["lr"] < before:
+            cuts.append(epoch)
+    return cuts
+
+
+def test_plateau_min_delta_is_absolute_1e4(tmp_path):
+    # Keras: improvement means val_loss < best - 1e-4 (absolute). A loss near 0.1 falling 3e-5 an
+    # epoch never gets 1e-4 below its best within 3 epochs, so Keras cuts after epoch 4. A relative
+    # threshold (1e-4 x 0.1 = 1e-5) or none at all would count every epoch as an improvement. (Near
+    # a loss of 1.0 relative and absolute thresholds coincide, hence 0.1.)
+    losses = [0.1 - 3e-5 * i for i in range(5)]
+    assert _plateau_cuts(cfg_for(tmp_path, tmp_path), losses) == [4]
+    assert _plateau_cuts(cfg_for(tmp_path, tmp_path, "scheduler.min_delta=0"), losses) == []

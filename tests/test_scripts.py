@@ -1,4 +1,5 @@
-"""scripts/gpu_results.sh, tried small on the CPU: the script a lent GPU's one call runs."""
+"""The scripts in scripts/, tried small on the CPU: gpu_results.sh (the one script that takes
+every GPU figure) and step_overhead.py."""
 
 from __future__ import annotations
 
@@ -54,16 +55,13 @@ def test_a_step_over_its_limit_is_killed_and_the_snapshot_keeps_what_was_done(
         recipe_log = tar.extractfile("gpu/recipe.log").read().decode()
         monitor_log = tar.extractfile("gpu/monitor.log").read().decode()
     assert {"device.txt", "prepare.log", "recipe.log", "monitor.log"} <= names
-    assert not any(
-        n.endswith(".ckpt") for n in names
-    )  # checkpoints stay behind: the snapshot is for reading
+    # checkpoints stay behind: the snapshot is for reading
+    assert not any(n.endswith(".ckpt") for n in names)
     assert "killed after STEP_LIMIT_S=40 s" in recipe_log
-    assert (
-        "Epoch" in recipe_log
-    )  # training had started: the limit cut a running step, not a crashed one
-    assert (
-        "whole default recipe:" not in recipe_log
-    )  # no wall time for a recipe that never finished
+    # training had started: the limit cut a running step, not a crashed one
+    assert "Epoch" in recipe_log
+    # no wall time for a recipe that never finished
+    assert "whole default recipe:" not in recipe_log
     assert "host_used_MiB=" in monitor_log
 
 
@@ -84,3 +82,29 @@ def test_a_killed_step_without_a_step_limit_is_logged_and_the_script_goes_on(tmp
     assert r.returncode == 1
     assert "unbound variable" not in r.stderr
     assert "** device failed" in r.stdout and "killed after" not in r.stdout
+
+
+def test_step_overhead_script_times_the_five_loops():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(
+        [sys.executable, "scripts/step_overhead.py", "--steps", "30", "--rounds", "2"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    names = ("a", "c", "c+cb", "c-log", "graph0")
+    rows = {
+        f[0]: f for f in (line.split() for line in res.stdout.splitlines()) if f and f[0] in names
+    }
+    assert set(rows) == set(names)
+    # median, over a, a/x, 2 rounds
+    assert all(float(f[1]) > 0 and len(f) == 6 for f in rows.values())
+    assert float(rows["a"][2]) == 0 and float(rows["c"][3]) == pytest.approx(
+        float(rows["a"][1]) / float(rows["c"][1]), abs=0.01
+    )

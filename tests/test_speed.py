@@ -1,5 +1,6 @@
-"""The speed options compose with the rest: bf16-mixed precision and torch.compile; and the training
-loop keeps off the operations that would make the host wait for a GPU."""
+"""The speed options (docs/speed.md) compose with the rest: bf16-mixed precision,
+torch.compile and its mode, Lightning's profiler; and the training loop keeps off the operations
+that would make the host wait for a GPU."""
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_compiled_and_bf16_training_together(tiny_layout, tmp_path):
 
 @pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="needs CUDA (run on a GPU: pytest tests/test_speed_options.py)",
+    reason="needs CUDA (run on a GPU: pytest tests/test_speed.py)",
 )
 def test_gpu_batches_are_gathered_without_a_host_sync():
     from cifar_lightning.data.datamodule import TensorImages
@@ -76,33 +77,6 @@ def test_gpu_batches_are_gathered_without_a_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.equal(y.cpu(), torch.tensor([5, 3, 9])) and torch.equal(x, images[[5, 3, 9]])
-
-
-def test_step_overhead_script_times_the_five_loops():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    res = subprocess.run(
-        [sys.executable, "scripts/step_overhead.py", "--steps", "30", "--rounds", "2"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    names = ("a", "c", "c+cb", "c-log", "graph0")
-    rows = {
-        f[0]: f for f in (line.split() for line in res.stdout.splitlines()) if f and f[0] in names
-    }
-    assert set(rows) == set(names)
-    assert all(
-        float(f[1]) > 0 and len(f) == 6 for f in rows.values()
-    )  # median, over a, a/x, 2 rounds
-    assert float(rows["a"][2]) == 0 and float(rows["c"][3]) == pytest.approx(
-        float(rows["a"][1]) / float(rows["c"][1]), abs=0.01
-    )
 
 
 # Operations whose result size or value the host must read: on a GPU each one waits for every queued
@@ -168,9 +142,10 @@ class OpRecorder(TorchDispatchMode):
 def test_a_steady_training_and_validation_step_never_waits_for_the_device(
     tiny_layout, tmp_path, monkeypatch, recipe, device
 ):
-    """From the start of one batch to the start of the next: the step, the optimizer, every callback
-    (the progress bar refreshed each step), the TensorBoard logger, and fetching the next batch from
-    the cache. On the CPU the recorder flags what would wait on a GPU, so CI checks it without one."""
+    """From the start of one batch to the start of the next: the step, the optimizer, every
+    callback (the progress bar refreshed each step), the TensorBoard logger, and fetching the
+    next batch from the cache. On the CPU the recorder flags what would wait on a GPU, so CI
+    checks it without one."""
     from cifar_lightning.model.module import Classifier
 
     windows = {}
@@ -178,8 +153,8 @@ def test_a_steady_training_and_validation_step_never_waits_for_the_device(
     def hook(stage):
         def on_batch_start(self, batch, batch_idx, *rest):
             if batch_idx == 1:  # batch 0 pays one-off costs (allocations, optimizer state)
-                # torch's Adam reads its step counter with .item(); that counter is kept on the CPU in a
-                # GPU run (not capturable, not fused), so reading it does not wait for the GPU.
+                # torch's Adam reads its step counter with .item(); that counter is kept on the CPU
+                # in a GPU run (not capturable, not fused), so reading it does not wait for the GPU.
                 steps = {
                     s["step"].data_ptr()
                     for opt in self.trainer.optimizers
@@ -209,12 +184,10 @@ def test_a_steady_training_and_validation_step_never_waits_for_the_device(
                 *([recipe] if recipe else []),
             )
         )
-    except (
-        UserError
-    ) as exc:  # experiment=best (peak lr 0.1) on 8-image batches diverged on an H200: its one epoch
-        assert "training diverged" in str(
-            exc
-        )  # had no finite val/loss; the steps were recorded all the same
+    except UserError as exc:
+        # experiment=best (peak lr 0.1) on 8-image batches diverged on an H200: its one epoch had
+        # no finite val/loss; the steps were recorded all the same
+        assert "training diverged" in str(exc)
     assert (
         "aten::convolution_backward" in windows["train"].seen
         and "aten::convolution" in windows["val"].seen

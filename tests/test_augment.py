@@ -1,0 +1,67 @@
+"""Augment (model/augment.py), Keras's random flip, translation, rotation and zoom applied to
+a whole batch: what each does, the ranges it reaches, and its sampling under bf16 autocast."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def test_augment_flips_and_warps_on_the_batch():
+    from cifar_lightning.model.augment import Augment
+
+    torch.manual_seed(0)
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32) % 256
+    x = x.repeat(32, 1, 1, 1)
+    flipped = Augment(flip=True)(x)
+    is_flip = [torch.equal(f, o.flip(-1)) for f, o in zip(flipped, x)]
+    is_same = [torch.equal(f, o) for f, o in zip(flipped, x)]
+    assert all(a or b for a, b in zip(is_flip, is_same)) and 16 <= sum(is_flip) <= 48
+    warped = Augment(flip=False, rotation_deg=10, zoom=0.1, translate=0.1)(x)
+    assert warped.shape == x.shape and not torch.equal(warped, x)
+    assert warped.min() >= 0 and warped.max() <= 255  # reflection padding, bilinear: stays in range
+
+
+def test_augment_ranges_reach_keras_bounds(monkeypatch):
+    # RandomTranslation(0.1) shifts by up to 10% of the size (0.2 in grid units, where 2 = full
+    # width), RandomRotation is given in degrees, RandomZoom(0.1) scales within [0.9, 1.1]. Read
+    # them off the affine matrices over many images: within the bounds, and approaching them.
+    import cifar_lightning.model.augment as augment
+
+    thetas, affine_grid = [], F.affine_grid
+    monkeypatch.setattr(
+        augment.F,
+        "affine_grid",
+        lambda theta, *a, **k: thetas.append(theta) or affine_grid(theta, *a, **k),
+    )
+    torch.manual_seed(0)
+    augment.Augment(flip=False, rotation_deg=10, zoom=0.1, translate=0.1)(
+        torch.zeros(4000, 1, 4, 4)
+    )
+    (theta,) = thetas
+    a, c = theta[:, 0, 0], theta[:, 1, 0]
+    scale, angle = torch.hypot(a, c), torch.atan2(c, a)
+    shift = theta[:, :, 2].abs()
+    assert shift.max() <= 0.2 + 1e-6 and shift.max() > 0.8 * 0.2
+    rad = math.radians(10)
+    assert angle.abs().max() <= rad + 1e-6 and angle.abs().max() > 0.8 * rad
+    assert scale.min() >= 0.9 - 1e-6 and scale.max() <= 1.1 + 1e-6
+    assert scale.min() < 0.92 and scale.max() > 1.08
+
+
+def test_augment_samples_the_same_pixels_under_bf16_autocast():
+    # trainer.precision=bf16-mixed runs training_step under autocast; the warp's grid must stay fp32
+    # (a bf16 grid moves sampling positions by up to ~1/256 of the image, a visible shift of edges).
+    import cifar_lightning.model.augment as augment
+
+    x = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(1)).to(
+        torch.uint8
+    )
+    warp = augment.Augment(flip=True, rotation_deg=10, zoom=0.1, translate=0.1)
+    torch.manual_seed(0)
+    fp32 = warp(x)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = warp(x)
+    assert mixed.dtype == torch.float32
+    assert (mixed - fp32).abs().max() < 1e-2  # 0-255 scale
