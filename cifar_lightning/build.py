@@ -11,7 +11,8 @@ import lightning as L
 from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_lightning.callbacks import History, RandomState
+from cifar_lightning import precision
+from cifar_lightning.callbacks import History, RandomState, RunSettings
 from cifar_lightning.data.datamodule import CifarDataModule
 from cifar_lightning.model.graphed import CudaGraphSteps
 from cifar_lightning.model.module import Classifier
@@ -74,7 +75,7 @@ def build_logger_and_callbacks(cfg: DictConfig) -> tuple:
         for k, c in cfg.callbacks.items()
         if c is not None and (logger or k != "lr_monitor")
     ]
-    ours = [History(Path(cfg.run_dir) / "history.csv"), RandomState()]
+    ours = [History(Path(cfg.run_dir) / "history.csv"), RandomState(), RunSettings()]
     if cfg.model.get("cuda_graph"):
         ours.append(CudaGraphSteps())
     return logger, configured + ours
@@ -83,9 +84,26 @@ def build_logger_and_callbacks(cfg: DictConfig) -> tuple:
 def build_trainer(cfg: DictConfig, *callbacks: L.Callback, **overrides) -> L.Trainer:
     """cfg.trainer with build_logger_and_callbacks' logger and callbacks, then `callbacks`;
     `overrides` replace Trainer arguments (the benchmark's max_epochs and precision)."""
+    resolve_precision(cfg)
     logger, configured = build_logger_and_callbacks(cfg)
     kwargs = {"logger": logger, "profiler": build_profiler(cfg), **overrides}
     return instantiate(cfg.trainer, "trainer", callbacks=configured + list(callbacks), **kwargs)
+
+
+def resolve_precision(cfg: DictConfig, resumed: str | None = None) -> str:
+    """cfg.trainer.precision=auto, replaced by what it resolves to (precision.resolve) and logged
+    with the reason, so metrics.json and the hparams show the precision that ran. A resumed run
+    keeps its checkpoint's precision."""
+    setting = str(cfg.trainer.precision)
+    if setting != precision.AUTO:
+        return setting
+    if resumed:
+        chosen, why = resumed, "the precision the resumed run trained at"
+    else:
+        chosen, why = precision.resolve(setting, str(cfg.trainer.get("accelerator", "auto")))
+    log.info(f"trainer.precision=auto -> {chosen}: {why}")
+    cfg.trainer.precision = chosen
+    return chosen
 
 
 PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}

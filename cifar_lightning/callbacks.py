@@ -103,6 +103,20 @@ class RandomState(L.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class RunSettings(L.Callback):
+    """Keeps the precision the run trains at in every checkpoint, so that a resumed run with
+    trainer.precision=auto continues at it, whatever auto would choose on the new machine."""
+
+    def __init__(self):
+        self.precision: str | None = None
+
+    def setup(self, trainer, pl_module, stage):
+        self.precision = str(trainer.precision)
+
+    def state_dict(self):
+        return {"precision": self.precision}
+
+
 class InterruptCheckpoint(L.Callback):
     """Saves the state at the moment of Ctrl-C, SIGTERM or a crash, for inspection. Resume from
     last.ckpt (the end of the last whole epoch) to continue exactly. Unlike Lightning's
@@ -168,6 +182,7 @@ class RunReport(L.Callback):
         best_row = next(r for r in rows if r["epoch"] == self.best)
         trainable, stats = count_params(pl_module.net)
         self.metrics = {
+            "precision": str(trainer.precision),
             "trainable_params": trainable,
             "non_trainable_params": stats,
             "best_epoch": self.best,

@@ -19,3 +19,12 @@ def count_optimizer_step(optimizer) -> None:
     as Lightning's step would: global_step and the hooks that follow it."""
     optimizer._on_before_step()
     optimizer._on_after_step()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 in hardware (AVX512-BF16, or AMX tiles), by torch.cpu's
+    own probes. Not oneDNN's `_is_mkldnn_bf16_supported`: it says yes on any AVX-512 CPU, where
+    bf16 is emulated and runs slower than fp32."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

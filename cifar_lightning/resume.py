@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def resolve(resume: str | None) -> tuple[str, dict] | tuple[None, None]:
-    """(path, its hyperparameters) of the checkpoint to continue; "last" -> the newest
+    """(path, its content) of the checkpoint to continue; "last" -> the newest
     outputs/**/checkpoints/last.ckpt under the launch directory."""
     if not resume:
         return None, None
@@ -53,7 +53,13 @@ def resolve(resume: str | None) -> tuple[str, dict] | tuple[None, None]:
             f"resume={resume}: not a cifar_lightning training checkpoint (no hyperparameters or "
             "optimizer state, as checkpoints/last.ckpt has)"
         )
-    return resume, hp
+    return resume, ckpt
+
+
+def precision_of(ckpt: dict | None) -> str | None:
+    """The precision the checkpoint's run trained at (callbacks.RunSettings), or None."""
+    settings = ((ckpt or {}).get("callbacks") or {}).get("RunSettings") or {}
+    return settings.get("precision")
 
 
 def check_matches(
@@ -93,11 +99,11 @@ def log_also_to(path: Path) -> None:
 
 
 def continue_run(cfg) -> tuple[str, dict] | tuple[None, None]:
-    """(checkpoint, its hyperparameters) for cfg.resume, or (None, None). A resumed run moves
+    """(checkpoint path, its content) for cfg.resume, or (None, None). A resumed run moves
     cfg.run_dir to the interrupted run's directory and logs to its train.log too."""
-    path, hp = resolve(cfg.resume)
+    path, ckpt = resolve(cfg.resume)
     if path:
         cfg.run_dir = str(Path(path).resolve().parent.parent)
         log.info(f"continuing the run in {cfg.run_dir}")
         log_also_to(Path(cfg.run_dir) / "train.log")
-    return path, hp
+    return path, ckpt

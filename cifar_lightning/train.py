@@ -28,6 +28,7 @@ from cifar_lightning.build import (
     build_profiler,
     build_trainer,
     plain,
+    resolve_precision,
 )
 from cifar_lightning.callbacks import RunReport
 from cifar_lightning.config import check_config
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict:
     """Fit, test the best checkpoint, write the artefacts; return metrics.json's content."""
     check_config(cfg)
-    ckpt_path, ckpt_hp = resuming.continue_run(cfg)
+    ckpt_path, ckpt = resuming.continue_run(cfg)
+    resolve_precision(cfg, resumed=resuming.precision_of(ckpt))
     run_dir = Path(cfg.run_dir)
     refuse_run_dir_inside_data(run_dir, Path(cfg.data.root))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,11 @@ def train(cfg: DictConfig) -> dict:
     model = build_module(cfg, datamodule.class_names())
     if ckpt_path:
         resuming.check_matches(
-            ckpt_path, ckpt_hp, model.hparams.class_names, model.hparams.model, model.hparams.optim
+            ckpt_path,
+            ckpt["hyper_parameters"],
+            model.hparams.class_names,
+            model.hparams.model,
+            model.hparams.optim,
         )
     log.info(summary(model.net))
     report = RunReport(run_dir, cfg.monitor, cfg.monitor_mode, flat_hparams(cfg), cfg.test)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from cifar_lightning.build import resolve_precision
 from cifar_lightning.config import CONF_DIR, check_values, compose
 from cifar_lightning.errors import UserError
 from cifar_lightning.model.schedule import build_scheduler
@@ -50,6 +51,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     if cfg.logger._target_:
         assert instantiate(cfg.logger, "logger") is not None
     # CI has no GPU
+    resolve_precision(cfg)  # trainer.precision=auto is resolved before a Trainer is built
     trainer_cfg = OmegaConf.merge(cfg.trainer, {"accelerator": "cpu", "devices": 1})
     trainer = instantiate(trainer_cfg, "trainer", logger=False, enable_checkpointing=False)
     assert trainer.max_epochs == cfg.trainer.max_epochs
@@ -247,7 +249,8 @@ def test_every_option_passes_the_value_check(group, option, tmp_path):
         (
             "bench",
             "pipelines=[a,d]",
-            "pipelines=['a', 'd']: must be a list like [a,b,c]; each item must be one of: a, b, c",
+            "pipelines=['a', 'd']: must be a list like [a,b,c,k]; each item must be one of: a, b, "
+            "c, k",
         ),
         (
             "bench",
