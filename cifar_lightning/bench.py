@@ -45,10 +45,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from cifar_lightning import cli
-from cifar_lightning.bench_pipelines import pipeline_b, pipeline_c, plain_epoch, time_cache
+from cifar_lightning.bench_pipelines import (
+    KERAS_POLICY,
+    keras_epoch,
+    keras_missing,
+    pipeline_b,
+    pipeline_c,
+    plain_epoch,
+    time_cache,
+)
 from cifar_lightning.build import build_datamodule
 from cifar_lightning.config import BOOLEAN, check_values, list_of, number, one_of, whole
 from cifar_lightning.data.datamodule import eval_batch_size
+from cifar_lightning.private_api import cpu_has_native_bf16
 from cifar_lightning.report import write_json
 from cifar_lightning.targets import check_targets
 
@@ -198,12 +207,15 @@ def machine(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "cpu_native_bf16": cpu_has_native_bf16(),
     }
 
 
 # ---------------------------------------------------------------- main
 BENCH_RULES = {
-    "pipelines": list_of(one_of("a", "b", "c"), "[a,b,c]"),
+    "pipelines": list_of(one_of("a", "b", "c", "k"), "[a,b,c,k]"),
+    "keras": list_of(one_of(*KERAS_POLICY.values()), "[float32,mixed_bfloat16]", empty_ok=True),
+    "keras_epochs": whole(2),
     "rounds": whole(1),
     "max_steps": whole(1),
     "warmup_steps": whole(0),
@@ -270,8 +282,8 @@ def bench(cfg: DictConfig) -> dict:
         }
         for pl, v, name, _ in runners
     ]
-    if "a" in cfg.pipelines:
-        out.update(scaling(cfg, data, device, median_run(timed["a", "32-true"])))
+    if any(pl == "a" for pl, _ in timed):
+        out.update(scaling(cfg, data, device, timed))
     del data, runners  # the runners hold (a)'s tensors
     free(device)
     ratios, per_round = paired_ratios(rows, timed)
@@ -343,50 +355,77 @@ def load_data(cfg: DictConfig, device: torch.device, out: dict) -> tuple:
 
 
 def make_runners(cfg: DictConfig, dm, data: dict, device: torch.device, notes: list) -> list[tuple]:
-    """(pipeline, variant, row name, run) per timed epoch; a variant is a precision, +compile,
-    +graph."""
+    """(pipeline, variant, row name, run) per timed epoch; a variant is a precision (or Keras's
+    policy), +compile, +graph."""
     bs, classes = cfg.data.batch_size, data["classes"]
+    precisions = usable_precisions(cfg, device, notes)
     runners = []
     if "a" in cfg.pipelines:
-        runners.append(
-            (
-                "a",
-                "32-true",
-                "a  plain loop, uint8 tensor",
-                lambda: plain_epoch(cfg, data, device, bs),
-            )
-        )
+        for p in precisions:
+            run = lambda p=p: plain_epoch(cfg, data, device, bs, precision=p)  # noqa: E731
+            runners.append(("a", p, f"a  plain loop, uint8 tensor, {p}", run))
     if "b" in cfg.pipelines:
-        runners.append(
-            (
-                "b",
-                "32-true",
-                "b  Lightning + ImageFolder + ToTensor",
-                lambda: pipeline_b(cfg, device, len(classes)),
-            )
-        )
-    if "c" not in cfg.pipelines:
-        return runners
+        run = lambda: pipeline_b(cfg, device, len(classes))  # noqa: E731
+        runners.append(("b", "32-true", "b  Lightning + ImageFolder + ToTensor", run))
+    if "c" in cfg.pipelines:
+        runners += c_runners(cfg, dm, data, device, precisions)
+    if "k" in cfg.pipelines:
+        runners += keras_runners(cfg, device, precisions, notes)
+    return runners
+
+
+def usable_precisions(cfg: DictConfig, device: torch.device, notes: list) -> list[str]:
+    """cfg.precision without what this device can't run well, each skip said in one line."""
+    usable = []
     for p in map(str, cfg.precision):
-        if "16" in p and device.type != "cuda":
-            notes.append(f"(c) at precision {p} skipped: needs CUDA, this run is on CPU")
-            continue
+        if device.type != "cuda" and p.startswith("16"):
+            notes.append(f"(a) and (c) at precision {p} skipped: fp16 needs CUDA")
+        elif device.type != "cuda" and "bf16" in p and not cpu_has_native_bf16():
+            notes.append(
+                f"(a), (c) and (k) at {p} skipped: the CPU has no native bf16 (AMX-BF16 or "
+                "AVX512-BF16), so bf16 would be emulated, slower than fp32"
+            )
+        else:
+            usable.append(p)
+    return usable
+
+
+def c_runners(cfg: DictConfig, dm, data: dict, device, precisions: list[str]) -> list[tuple]:
+    runners = []
+    for p in precisions:
         for compiled in [cfg.model.compile] if cfg.compile_c is None else cfg.compile_c:
             for graphed in [cfg.model.cuda_graph] if cfg.cuda_graph_c is None else cfg.cuda_graph_c:
                 v = p + ("+compile" if compiled else "") + ("+graph" if graphed else "")
                 c_cfg = copy.deepcopy(cfg)
                 c_cfg.model.compile, c_cfg.model.cuda_graph = bool(compiled), bool(graphed)
-                runners.append(
-                    (
-                        "c",
-                        v,
-                        f"c  cifar_lightning, {v}",  # one datamodule for all: the cache loads once
-                        lambda p=p, c_cfg=c_cfg: pipeline_c(
-                            c_cfg, dm, classes, data["sizes"], data["n_val_images"], p, device
-                        ),
-                    )
+                # one datamodule for all: the cache loads once
+                run = lambda p=p, c_cfg=c_cfg: pipeline_c(  # noqa: E731
+                    c_cfg, dm, data["classes"], data["sizes"], data["n_val_images"], p, device
                 )
+                runners.append(("c", v, f"c  cifar_lightning, {v}", run))
     return runners
+
+
+def keras_runners(cfg: DictConfig, device, precisions: list[str], notes: list) -> list[tuple]:
+    """(k) at the Keras policy of each precision that runs here (float32, mixed_bfloat16)."""
+    if device.type == "cuda":
+        notes.append("(k) skipped: it is timed on the CPU only")
+        return []
+    missing = keras_missing(cfg)
+    if missing:
+        notes.append(f"(k) skipped: {missing}")
+        return []
+    wanted = [KERAS_POLICY[p] for p in precisions if p in KERAS_POLICY]
+    return [
+        (
+            "k",
+            policy,
+            f"k  Keras notebook, {policy}",
+            lambda policy=policy: keras_epoch(cfg, policy),
+        )
+        for policy in cfg.keras
+        if policy in wanted
+    ]
 
 
 def run_rounds(
@@ -398,65 +437,69 @@ def run_rounds(
     for k in range(rounds):
         for pipeline, variant, name, run in runners:
             reset_peaks()
-            timed.setdefault((pipeline, variant), []).append({**run(), "memory": memory()})
+            r = run()  # (k) brings its own process's memory
+            timed.setdefault((pipeline, variant), []).append({"memory": memory(), **r})
             progress(f"round {k + 1}/{rounds}  {name}", timed[pipeline, variant][-1])
             free(device)
     return timed
 
 
-def scaling(cfg: DictConfig, data: dict, device: torch.device, a: dict) -> dict:
-    """How the limit (a) scales with batch size and train-set fraction; the main run `a` stands in
-    for (data.batch_size, all of the train set)."""
+def scaling(cfg: DictConfig, data: dict, device: torch.device, timed: dict) -> dict:
+    """How the limit (a) scales with batch size, at each precision timed, and with train-set
+    fraction; the main runs of (a) stand in for data.batch_size and all of the train set."""
     bs = cfg.data.batch_size
+    precisions = [v for pl, v in timed if pl == "a"]
+
+    def at_batch(b: int, p: str) -> dict:
+        if b == bs:
+            return median_run(timed["a", p])
+        return progress(f"(a) at batch {b}, {p}", plain_epoch(cfg, data, device, b, precision=p))
+
+    def on_fraction(f: float) -> dict:
+        if f == 1:
+            return median_run(timed["a", precisions[0]])
+        run = plain_epoch(cfg, data, device, bs, f, precision=precisions[0])
+        return progress(f"(a) on {f:g} of the train set, {precisions[0]}", run)
+
     return {
         "scaling_batch_size": [
-            {
-                "batch_size": b,
-                **(
-                    a
-                    if b == bs
-                    else progress(f"(a) at batch {b}", plain_epoch(cfg, data, device, b))
-                ),
-            }
+            {"batch_size": b, "precision": p, **at_batch(b, p)}
+            for p in precisions
             for b in cfg.batch_sizes
         ],
         "scaling_fraction": [
-            {
-                "fraction": f,
-                **(
-                    a
-                    if f == 1
-                    else progress(
-                        f"(a) on {f:g} of the train set", plain_epoch(cfg, data, device, bs, f)
-                    )
-                ),
-            }
-            for f in cfg.fractions
+            {"fraction": f, "precision": precisions[0], **on_fraction(f)} for f in cfg.fractions
         ],
     }
 
 
 def paired_ratios(rows: list[dict], timed: dict) -> tuple[dict, dict]:
-    """c/a and c/b for (c)'s first variant, and every other (c) variant over it: the median of the
-    per-round ratios (each pair timed minutes apart), and each round's."""
+    """The median of the per-round ratios (each pair timed minutes apart), and each round's: for
+    (c)'s first variant c/a, c/b and c/k; for each other precision of (c), c/a[p] and c/k[p] at
+    that precision; and every other (c) variant over the first."""
     c0 = next((r for r in rows if r["pipeline"] == "c"), None)
     ratios, per_round = {}, {}
 
     def ratio(name: str, num: tuple[str, str], den: tuple[str, str]) -> None:
+        if num not in timed or den not in timed:
+            return
         pairs = [x["images_per_s"] / y["images_per_s"] for x, y in zip(timed[num], timed[den])]
-        ratios[name], per_round[name] = (
-            round(statistics.median(pairs), 3),
-            [round(q, 3) for q in pairs],
-        )
+        ratios[name] = round(statistics.median(pairs), 3)
+        per_round[name] = [round(q, 3) for q in pairs]
 
-    for other in ("a", "b"):
-        if c0 and (other, "32-true") in timed:
-            ratio(f"c/{other}", ("c", c0["variant"]), (other, "32-true"))
+    if c0 is None:
+        return ratios, per_round
+    ratio("c/a", ("c", c0["variant"]), ("a", c0["precision"]))
+    ratio("c/b", ("c", c0["variant"]), ("b", "32-true"))
+    ratio("c/k", ("c", c0["variant"]), ("k", KERAS_POLICY.get(c0["precision"], "")))
     for r in rows:
-        if r["pipeline"] == "c" and r is not c0:
-            ratio(
-                f"c[{r['variant']}]/c[{c0['variant']}]", ("c", r["variant"]), ("c", c0["variant"])
-            )
+        if r["pipeline"] != "c" or r is c0:
+            continue
+        v = r["variant"]
+        if v == r["precision"]:  # another precision, neither compiled nor graphed
+            ratio(f"c/a[{v}]", ("c", v), ("a", v))
+            ratio(f"c/k[{v}]", ("c", v), ("k", KERAS_POLICY.get(v, "")))
+        ratio(f"c[{v}]/c[{c0['variant']}]", ("c", v), ("c", c0["variant"]))
     return ratios, per_round
 
 
@@ -540,7 +583,8 @@ def print_scaling(cfg: DictConfig, out: dict, epoch_cols: list) -> None:
     if out.get("scaling_batch_size"):
         print("\n== plain loop (a) vs batch size ==")
         rows = [with_steps(r) for r in out["scaling_batch_size"]]
-        print(table(rows, [("batch", "batch_size", ""), *epoch_cols]))
+        cols = [("batch", "batch_size", ""), ("precision", "precision", ""), *epoch_cols]
+        print(table(rows, cols))
     if out.get("scaling_fraction"):
         print(f"\n== plain loop (a) vs train-set fraction, batch {cfg.data.batch_size} ==")
         rows = [with_steps(r) for r in out["scaling_fraction"]]

@@ -5,9 +5,13 @@ decode-once cache's build and load. Each epoch comes back as result()'s dict of 
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -85,10 +89,16 @@ def make_net(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
 
 # ---------------------------------------------------------------- (a) plain loop
 def plain_epoch(
-    cfg: DictConfig, data: dict, device: torch.device, batch_size: int, fraction: float = 1.0
+    cfg: DictConfig,
+    data: dict,
+    device: torch.device,
+    batch_size: int,
+    fraction: float = 1.0,
+    precision: str = "32-true",
 ) -> dict:
     """One epoch of the same net, optimizer and batch order as (c) over uint8 tensors already on
-    `device`: no DataLoader, no Lightning, no metrics objects. The reference limit."""
+    `device`: no DataLoader, no Lightning, no metrics objects. The reference limit. At
+    bf16-mixed, forward and loss run under autocast, as Lightning's precision plugin does."""
     x, y, sizes, vx, vy = data["x"], data["y"], data["sizes"], data["vx"], data["vy"]
     # the first `fraction` of each train dir, so per-directory batching still applies
     if fraction < 1:
@@ -112,10 +122,15 @@ def plain_epoch(
     def fmt(xb):
         return xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
 
+    autocast = functools.partial(
+        torch.autocast, device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"
+    )
+
     def train(idx_list):
         net.train()
         for idx in idx_list:
-            loss = F.cross_entropy(net(fmt(x[idx])), y[idx])
+            with autocast():
+                loss = F.cross_entropy(net(fmt(x[idx])), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -127,7 +142,8 @@ def plain_epoch(
         # summed on the device: no per-step sync
         correct = torch.zeros((), dtype=torch.long, device=device)
         for i in range(0, end, vbs):
-            correct += (net(fmt(vx[i : i + vbs])).argmax(1) == vy[i : i + vbs]).sum()
+            with autocast():
+                correct += (net(fmt(vx[i : i + vbs])).argmax(1) == vy[i : i + vbs]).sum()
         return correct.item() / end
 
     w = cfg.warmup_steps
@@ -347,4 +363,73 @@ def time_cache(cfg: DictConfig) -> dict:
         "build_s": round(t1 - t0, 3),
         "load_s": round(t2 - t1, 4),
         "build_images_per_s": round(len(images) / (t1 - t0), 1),
+    }
+
+
+# ---------------------------------------------------------------- (k) the Keras notebook
+# trainer.precision -> the Keras mixed-precision policy that does the same
+KERAS_POLICY = {"32-true": "float32", "bf16-mixed": "mixed_bfloat16"}
+KERAS_SCRIPT = Path(__file__).with_name("keras_reference.py")
+
+
+def keras_python(cfg: DictConfig) -> str:
+    return str(cfg.keras_python or sys.executable)
+
+
+def keras_missing(cfg: DictConfig) -> str | None:
+    """Why (k) can't run with keras_python, or None."""
+    py = keras_python(cfg)
+    probe = subprocess.run([py, "-c", "import tensorflow, keras"], capture_output=True, text=True)
+    if probe.returncode:
+        return (
+            f"TensorFlow/Keras is not importable by {py} "
+            "(pip install 'cifar_lightning[keras]', or keras_python=PATH/TO/python)"
+        )
+    return None
+
+
+def keras_epoch(cfg: DictConfig, policy: str) -> dict:
+    """The notebook's own pipeline (keras_reference.py) in a subprocess with the same threads and
+    data; its median steady-state epoch (after the first) as a result() row. It decodes the JPEG
+    files every epoch, as image_dataset_from_directory does, and runs whole epochs."""
+    threads = cfg.threads or torch.get_num_threads()
+    command = [
+        keras_python(cfg),
+        str(KERAS_SCRIPT),
+        "--root",
+        str(cfg.data.root),
+        "--train-dirs",
+        ",".join(cfg.data.train_dirs),
+        "--val-dir",
+        cfg.data.val_dir,
+        "--batch",
+        str(cfg.data.batch_size),
+        "--epochs",
+        str(cfg.keras_epochs),
+        "--threads",
+        str(threads),
+        "--policy",
+        policy,
+        "--seed",
+        str(cfg.seed),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        tail = " ".join(done.stderr.strip().splitlines()[-1:])
+        raise RuntimeError(f"(k) at {policy} failed: {tail}")
+    k = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "images": k["train_images"],
+        "train_steps": k["train_steps"],
+        "full_train_steps": k["train_steps"],
+        "val_steps": None,
+        "train_s": None,
+        "val_s": None,
+        "epoch_s": k["epoch_s"],
+        "images_per_s": k["images_per_s"],
+        "full_epoch_s_est": k["epoch_s"],
+        "val_acc": round(k["val_acc"][-1], 4),
+        "one_off_s": round(k["epoch_seconds"][0] - k["epoch_s"], 3),
+        "keras": {key: k[key] for key in ("epoch_seconds", "val_acc", "tensorflow", "keras")},
+        "memory": {"peak_rss_MiB": k["peak_rss_MiB"]},  # the subprocess's, not the bench's
     }

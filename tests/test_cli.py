@@ -324,6 +324,7 @@ def test_bench_bad_optimizer_value_is_one_error_line(tiny_layout, tmp_path, pipe
         f"data.root={tiny_layout}",
         "trainer=cpu",
         f"pipelines=[{pipeline}]",
+        "precision=[32-true]",
         "optim.lr=-1",
         "batch_sizes=[]",
         "fractions=[]",
@@ -342,6 +343,8 @@ def test_bench_runs_every_pipeline_and_writes_json(tiny_layout, tmp_path):
         "cifar_lightning.bench",
         f"data.root={tiny_layout}",
         "trainer=cpu",
+        "pipelines=[a,b,c]",
+        "precision=[32-true]",
         "max_steps=2",
         "warmup_steps=1",
         "batch_sizes=[8]",
@@ -360,7 +363,8 @@ def test_bench_runs_every_pipeline_and_writes_json(tiny_layout, tmp_path):
         and out["scaling_fraction"]
         and out["scaling_batch_size"]
     )
-    assert "(a) at batch 8:" in res.stdout and "(a) on 0.5 of the train set:" in res.stdout
+    assert "(a) at batch 8, 32-true:" in res.stdout
+    assert "(a) on 0.5 of the train set, 32-true:" in res.stdout
     # (c) is timed as train runs it, with the configured callbacks and logger; their files removed
     c = out["results"][2]
     assert {
@@ -384,6 +388,7 @@ def test_bench_interleaved_rounds_report_median_and_paired_ratios(tiny_layout, t
         f"data.root={tiny_layout}",
         "trainer=cpu",
         "pipelines=[a,c]",
+        "precision=[32-true]",
         "rounds=3",
         "max_steps=2",
         "warmup_steps=0",
@@ -457,6 +462,7 @@ def test_bench_times_eager_and_compiled_c_side_by_side(tiny_layout, tmp_path):
         f"data.root={tiny_layout}",
         "trainer=cpu",
         "pipelines=[c]",
+        "precision=[32-true]",
         "compile_c=[false,true]",
         "max_steps=2",
         "warmup_steps=1",

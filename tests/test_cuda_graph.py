@@ -251,6 +251,7 @@ def test_bench_reports_how_a_graphed_timed_epoch_ran(tiny_layout, tmp_path, monk
             f"data.root={tiny_layout}",
             "trainer=cpu",
             "pipelines=[c]",
+            "precision=[32-true]",
             "cuda_graph_c=[true]",
             "batch_sizes=[]",
             "fractions=[]",
