@@ -1,6 +1,6 @@
 """The one builder of a run's parts from a config: the datamodule, the module and the Trainer
-(with the configured logger and callbacks, plus ours). train, prepare and the benchmark's
-pipeline (c) all assemble through here, so they run the same thing."""
+(with the configured logger and callbacks, plus ours). train and the benchmark's pipeline (c)
+assemble through here, so they run the same thing; prepare builds its datamodule here too."""
 
 from __future__ import annotations
 

@@ -158,9 +158,14 @@ class RunReport(L.Callback):
         self.best_ckpt, self.best = "", None
         self._t0, self._outputs = 0.0, []
 
+    def start_clock(self) -> None:
+        """Called right before trainer.fit: train_seconds then counts all of fit, the data's
+        setup included, as it did when train() timed fit itself."""
+        self._t0 = time.perf_counter()
+
     def on_fit_start(self, trainer, pl_module):
         self.history = next(c for c in trainer.callbacks if isinstance(c, History))
-        self._t0 = time.perf_counter()
+        self._t0 = self._t0 or time.perf_counter()
 
     def on_fit_end(self, trainer, pl_module):
         train_seconds = time.perf_counter() - self._t0

@@ -65,6 +65,7 @@ def train(cfg: DictConfig) -> dict:
     report = RunReport(run_dir, cfg.monitor, cfg.monitor_mode, flat_hparams(cfg), cfg.test)
     trainer = build_trainer(cfg, report)
     # Ctrl-C and SIGTERM leave fit() by SystemExit (cli.run)
+    report.start_clock()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if cfg.test:
         # a fresh profiler, if any: one keeps what it recorded, and test's would repeat fit's rows

@@ -133,7 +133,7 @@ class Classifier(CheapHookBookkeeping, L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         _, logits = self._step(batch, "test")
-        return logits  # for callbacks.TestReport: predictions.csv and the figures
+        return logits  # for callbacks.RunReport: predictions.csv and the figures
 
     def on_train_epoch_start(self):
         # An epoch cut short (max_steps) logged nothing, so Lightning did not reset these.
