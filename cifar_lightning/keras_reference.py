@@ -37,8 +37,9 @@ def datasets(root: str, train_dirs: list[str], val_dir: str, batch: int, seed: i
     for part in parts[1:]:
         train = train.concatenate(part)
     n_batches = sum(int(p.cardinality()) for p in parts)
+    n_images = sum(len(p.file_paths) for p in parts)  # the files Keras found and will read
     train = train.shuffle(n_batches, seed=seed, reshuffle_each_iteration=True)
-    return train, load(val_dir, False), n_batches
+    return train, load(val_dir, False), n_batches, n_images
 
 
 def model_s(policy: str):
@@ -105,7 +106,7 @@ def main() -> None:
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     keras.utils.set_random_seed(args.seed)
-    train, val, n_batches = datasets(
+    train, val, n_batches, n_train = datasets(
         args.root, args.train_dirs.split(","), args.val_dir, args.batch, args.seed
     )
     model = model_s(args.policy)
@@ -124,12 +125,6 @@ def main() -> None:
 
     clock = EpochClock()
     model.fit(train, validation_data=val, epochs=args.epochs, callbacks=[clock], verbose=0)
-    n_train = sum(
-        1
-        for d in args.train_dirs.split(",")
-        for _, _, files in os.walk(os.path.join(args.root, d))
-        for _ in files
-    )
     steady = clock.seconds[1:] or clock.seconds
     epoch_s = sorted(steady)[len(steady) // 2]  # the median steady-state epoch
     print(

@@ -86,21 +86,16 @@ def test_fake_official_archive_is_refused_before_unpickling(tmp_path, monkeypatc
     assert not (tmp_path / "layout").exists()
 
 
+# the files of the official cifar-10-python.tar.gz, in label-file order
+OFFICIAL_BATCHES = [*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]
+
+
 def _fake_official_batches(base):
     """Batches in the official pickle format (we wrote them, so reading them back is safe)."""
     folder = base / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for i, name in enumerate(
-        [
-            "data_batch_1",
-            "data_batch_2",
-            "data_batch_3",
-            "data_batch_4",
-            "data_batch_5",
-            "test_batch",
-        ]
-    ):
+    for i, name in enumerate(OFFICIAL_BATCHES):
         labels = [(i + j) % 3 for j in range(6)]
         with open(folder / name, "wb") as f:
             pickle.dump(
@@ -289,15 +284,7 @@ def _official_batches(base, per_batch=6):
     """Fake official pickles; every image of batch i is one flat grey level, 20 * (i + 1)."""
     folder = base / "cifar-10-batches-py"
     folder.mkdir(parents=True)
-    names = [
-        "data_batch_1",
-        "data_batch_2",
-        "data_batch_3",
-        "data_batch_4",
-        "data_batch_5",
-        "test_batch",
-    ]
-    for i, name in enumerate(names):
+    for i, name in enumerate(OFFICIAL_BATCHES):
         with open(folder / name, "wb") as f:
             pickle.dump(
                 {
@@ -308,7 +295,7 @@ def _official_batches(base, per_batch=6):
             )
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": ["airplane", "automobile", "bird"]}, f)
-    return names
+    return OFFICIAL_BATCHES
 
 
 def test_official_batch_5_is_valid_and_test_batch_is_test(tmp_path, monkeypatch):
