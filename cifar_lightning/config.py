@@ -14,7 +14,7 @@ from cifar_lightning.data.folder import RESIZES
 from cifar_lightning.data.sampler import BATCHINGS
 from cifar_lightning.errors import UserError
 from cifar_lightning.model.net import INITS
-from cifar_lightning.model.schedule import COUNTINGS
+from cifar_lightning.model.schedule import ANNEALS, COUNTINGS
 from cifar_lightning.targets import check_targets
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -72,19 +72,24 @@ def list_of(rule: tuple, example: str, empty_ok: bool = False) -> tuple:
 
 WHOLE_LIST = list_of(whole(1), "[32,64,128]")
 NAME = (lambda v: isinstance(v, str) and v != ""), "must be a folder name"
+AUGMENT_NUMBERS = {"rotation_deg", "zoom", "translate"}  # >= 0
+AUGMENT_PIXELS = {"crop_pad", "cutout"}  # whole pixels >= 0
 AUGMENT = (
     lambda v: (
         v is None
         or (
             OmegaConf.is_dict(v)
-            and set(v) <= {"flip", "rotation_deg", "zoom", "translate"}
+            and set(v) <= {"flip"} | AUGMENT_NUMBERS | AUGMENT_PIXELS
             and all(
-                isinstance(x, bool) if k == "flip" else _is_number(x) and x >= 0
+                isinstance(x, bool)
+                if k == "flip"
+                else (_is_int(x) if k in AUGMENT_PIXELS else _is_number(x)) and x >= 0
                 for k, x in v.items()
             )
         )
     ),
-    "must be null or {flip: true|false, rotation_deg: N, zoom: N, translate: N} with numbers >= 0",
+    "must be null or {flip: true|false, rotation_deg: N, zoom: N, translate: N, crop_pad: PIXELS, "
+    "cutout: PIXELS} with numbers >= 0",
 )
 
 # The one metric and the direction that makes it better: val/acc kept at its lowest would be a
@@ -120,6 +125,10 @@ RULES = {
     "model.l2": number(0),
     "model.label_smoothing": number(0, 1, below=True),
     "model.tta_flip": BOOLEAN,
+    "model.tta_shift": whole(0),
+    "model.whiten": BOOLEAN,
+    "model.whiten_images": whole(1),
+    "optim.norm_bias_decay": BOOLEAN,
     "model.augment": AUGMENT,
     "optim.eps_inside_root": BOOLEAN,
     "trainer.max_epochs": (
@@ -156,6 +165,7 @@ TEXT_KEYS = {
     "mode",
     "counting",
     "interval",
+    "anneal_strategy",
 }
 
 
@@ -172,6 +182,7 @@ def _typed_key(cfg: DictConfig, key: str) -> str:
 # Keys that name an option, and the options, from the modules that use them.
 CHOICES = {
     "model.init": one_of(*INITS),
+    "scheduler.anneal_strategy": one_of(*ANNEALS),
     "scheduler.counting": one_of(*COUNTINGS),
     "fidelity.batching": one_of(*BATCHINGS),
     "fidelity.resize": one_of(*RESIZES),

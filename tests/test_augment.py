@@ -65,3 +65,49 @@ def test_augment_samples_the_same_pixels_under_bf16_autocast():
         mixed = warp(x)
     assert mixed.dtype == torch.float32
     assert (mixed - fp32).abs().max() < 1e-2  # 0-255 scale
+
+
+def test_random_crop_shifts_each_image_by_whole_pixels():
+    # every output is one window of the reflect-padded image: sharp pixels, no interpolation;
+    # the window is drawn per image, not once for the batch
+    from cifar_lightning.model.augment import random_crop
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 8, 8) * 255
+    padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    offsets = []
+    for out, pad in zip(random_crop(x, 2), padded):
+        hits = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(out, pad[:, dy : dy + 8, dx : dx + 8])
+        ]
+        assert len(hits) == 1
+        offsets += hits
+    assert len(set(offsets)) >= 15 and (0, 0) in offsets and (4, 4) in offsets
+
+
+def test_cutout_zeroes_one_square_per_image_clipped_at_the_borders():
+    from cifar_lightning.model.augment import cutout
+
+    torch.manual_seed(0)
+    out = cutout(torch.ones(300, 3, 16, 16), 4)
+    zero = out == 0
+    assert torch.equal(zero, zero[:, :1].expand_as(zero))  # all channels alike
+    counts = zero[:, 0].sum((1, 2))
+    assert counts.max() == 16 and counts.min() >= 4  # 4x4 inside, clipped to 2x2 at worst corner
+    for mask in zero[:, 0]:  # one rectangle: its bounding box is all zeros
+        rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+        box = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert box.all() and len(rows) <= 4 and len(cols) <= 4
+
+
+def test_augment_applies_crop_and_cutout_when_asked():
+    from cifar_lightning.model.augment import Augment
+
+    torch.manual_seed(0)
+    x = torch.rand(32, 3, 8, 8) * 200 + 10  # no zeros of its own
+    assert torch.equal(Augment(flip=False)(x), x)
+    assert (Augment(flip=False, cutout=3)(x) == 0).any()
+    assert not torch.equal(Augment(flip=False, crop_pad=1)(x), x)

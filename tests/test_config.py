@@ -163,12 +163,26 @@ def test_command_line_check_passes_allowed_targets_and_deletions():
         (
             "model.augment=abc",
             "model.augment=abc: must be null or {flip: true|false, rotation_deg: N, zoom: N, "
-            "translate: N} with numbers >= 0",
+            "translate: N, crop_pad: PIXELS, cutout: PIXELS} with numbers >= 0",
         ),
         (
             "model.augment={flip:true,shear:3}",
             "model.augment={'flip': True, 'shear': 3}: must be null or {flip: "
-            "true|false, rotation_deg: N, zoom: N, translate: N} with numbers >= 0",
+            "true|false, rotation_deg: N, zoom: N, translate: N, crop_pad: PIXELS, cutout: PIXELS} "
+            "with numbers >= 0",
+        ),
+        (  # whole pixels: a crop by 1.5 pixels would interpolate
+            "model.augment={flip:true,crop_pad:1.5}",
+            "model.augment={'flip': True, 'crop_pad': 1.5}: must be null or {flip: "
+            "true|false, rotation_deg: N, zoom: N, translate: N, crop_pad: PIXELS, cutout: PIXELS} "
+            "with numbers >= 0",
+        ),
+        ("model.tta_shift=-1", "model.tta_shift=-1: must be a whole number >= 0"),
+        ("model.whiten=yes", "model.whiten=yes: must be true or false"),
+        ("optim.norm_bias_decay=no", "optim.norm_bias_decay=no: must be true or false"),
+        (
+            "scheduler=onecycle scheduler.anneal_strategy=step",
+            "scheduler.anneal_strategy=step is not one of: cos, linear",
         ),
         # Any string is truthy: `test=no` would run the test phase, `data.skip_bad_files=no` skip
         # files.
@@ -221,7 +235,7 @@ def test_a_value_of_the_wrong_kind_is_named_before_anything_runs(override, messa
 
     with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
         # before the data is even looked at
-        train(cfg_for(tmp_path / "run", tmp_path / "no_data", override))
+        train(cfg_for(tmp_path / "run", tmp_path / "no_data", *override.split(" ")))
     assert not (tmp_path / "run").exists()
 
 

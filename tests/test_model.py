@@ -12,11 +12,15 @@ from cifar_lightning.model.net import build_net, count_params
 from tests.conftest import cfg_for
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+# every named recipe keeps Model S: the same layers, the same parameter count
+EXPERIMENTS = [None, *sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))]
 
 
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("model", MODELS)
-def test_parameter_count_matches_keras(model, tmp_path):
-    cfg = cfg_for(tmp_path, tmp_path, f"model={model}")
+def test_parameter_count_matches_keras(model, experiment, tmp_path):
+    recipe = [f"experiment={experiment}"] if experiment else []
+    cfg = cfg_for(tmp_path, tmp_path, f"model={model}", *recipe)
     net = build_net(OmegaConf.to_container(cfg.model, resolve=True))
     assert count_params(net) == (815_018, 896)
     # Lightning would also count num_batches_tracked (6 more); Keras has no such counter.
@@ -128,3 +132,33 @@ def test_layer_order_is_keras_model_s(tmp_path):
     )
     net(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     assert seen == [torch.Size([1, 128, 4, 4])]  # 4x4x128 feature map flattened to 2048
+
+
+def test_tta_views_mirror_and_shift_by_whole_pixels():
+    from cifar_lightning.model.net import shift, tta_views
+
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    counts = [len(tta_views(x, flip, pixels)) for flip, pixels in [(0, 0), (1, 0), (0, 1), (1, 2)]]
+    assert counts == [1, 2, 3, 6]
+    moved = shift(x, 1, 1)  # down and right by one
+    assert torch.equal(moved[..., 1:, 1:], x[..., :-1, :-1])
+    assert torch.equal(moved[..., 0, 1:], x[..., 1, :-1])  # the new top row reflects row 1
+    assert torch.equal(shift(moved, -1, -1)[..., :-1, :-1], x[..., :-1, :-1])
+    views = tta_views(x, True, 2)
+    assert torch.equal(views[1], x.flip(-1)) and torch.equal(views[5], shift(x.flip(-1), -2, -2))
+
+
+def test_whitening_init_decorrelates_patches_and_keeps_both_signs():
+    from cifar_lightning.model.init import whiten_first_conv
+
+    torch.manual_seed(0)
+    images = torch.nn.functional.avg_pool2d(torch.rand(64, 3, 18, 18), 3, 1) * 255  # correlated
+    conv = nn.Conv2d(3, 32, 3, padding=1)
+    whiten_first_conv(conv, images, eps_fraction=0.0)
+    patches = torch.nn.functional.unfold(images.double() / 255, 3).transpose(1, 2).reshape(-1, 27)
+    out = patches @ conv.weight.double().reshape(32, 27).T + conv.bias.double()
+    assert torch.allclose(out.mean(0), torch.zeros(32, dtype=torch.float64), atol=1e-5)
+    cov = torch.cov(out[:, :16].T)  # the top 16 directions, each of unit variance, uncorrelated
+    assert torch.allclose(cov, torch.eye(16, dtype=torch.float64), atol=1e-3)
+    assert torch.equal(conv.weight[16:], -conv.weight[:16])
+    assert conv.weight.requires_grad  # it stays trainable

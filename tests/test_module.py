@@ -241,3 +241,54 @@ def test_module_steps_plateau_schedule_on_val_loss_not_val_acc(tmp_path, monkeyp
         if optimizer.param_groups[0]["lr"] < before:
             cuts.append(epoch)
     assert cuts == [4]
+
+
+def test_tta_shift_averages_probabilities_over_the_six_views(tmp_path):
+    from cifar_lightning.model.net import tta_views
+
+    module = make_classifier(tmp_path, tta_flip=True, tta_shift=1)
+    with torch.no_grad():
+        module.net.classifier[-1].weight.mul_(20)
+    x, y = image_batch()
+    module.eval()
+    with torch.no_grad():
+        logits = module.test_step((x, y), 0)
+        probs = [module(v).softmax(-1) for v in tta_views(x, True, 1)]
+    assert len(probs) == 6
+    assert torch.allclose(logits.softmax(-1), torch.stack(probs).mean(0), atol=1e-6)
+    # the check can fail: the flip pair alone gives other probabilities
+    assert (logits.softmax(-1) - (probs[0] + probs[1]) / 2).abs().max() > 1e-4
+
+
+def test_norm_bias_decay_false_exempts_batchnorm_and_biases(tmp_path):
+    module = make_classifier(tmp_path)
+    module.hparams.optim = {
+        "_target_": "torch.optim.SGD",
+        "_partial_": True,
+        "lr": 0.1,
+        "weight_decay": 5e-4,
+        "norm_bias_decay": False,
+    }
+    groups = module.configure_optimizers().param_groups
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]
+    assert all(p.ndim > 1 for p in groups[0]["params"])  # the 6 conv + 2 dense kernels
+    assert len(groups[0]["params"]) == 8 and all(p.ndim == 1 for p in groups[1]["params"])
+    assert sum(p.numel() for g in groups for p in g["params"]) == 815_018
+    module.hparams.optim["norm_bias_decay"] = True
+    (group,) = module.configure_optimizers().param_groups
+    assert group["weight_decay"] == 5e-4 and len(group["params"]) == 28
+
+
+def test_whiten_initialises_the_first_conv_from_the_training_images_at_fit_setup(tmp_path):
+    module = make_classifier(tmp_path, whiten=True, whiten_images=4)
+    seen = []
+    images, _ = image_batch(8)
+    module._trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(first_train_images=lambda n: seen.append(n) or images[:n])
+    )
+    before = module.net.features[0].weight.clone()
+    module.setup("test")
+    assert seen == [] and torch.equal(module.net.features[0].weight, before)
+    module.setup("fit")
+    weight = module.net.features[0].weight
+    assert seen == [4] and not torch.equal(weight, before) and torch.equal(weight[16:], -weight[:16])

@@ -142,6 +142,15 @@ class CifarDataModule(L.LightningDataModule):
                 dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
             self._data[role] = (dataset, [len(d) for d in parts])
 
+    def first_train_images(self, count: int) -> torch.Tensor:
+        """The first `count` training images in directory order (no shuffling, no random
+        numbers), uint8 N x C x H x W: the sample a data-dependent initialisation reads."""
+        dataset, _ = self._data["train"]
+        count = min(count, len(dataset))
+        if isinstance(dataset, TensorImages):
+            return dataset.images[:count]
+        return torch.stack([torch.as_tensor(dataset[i][0]) for i in range(count)])
+
     def _batch_device(self) -> torch.device:
         """The GPU the trainer runs on, else the CPU: where cached tensors live and batches go."""
         trainer = getattr(self, "trainer", None)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from cifar_lightning.errors import UserError
-from cifar_lightning.model.net import FlipAverage, ModelS, build_net
+from cifar_lightning.model.net import ModelS, TestTimeAugment, build_net
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -56,9 +56,10 @@ def image_rule(hp: dict, resize: str | None = None) -> tuple[int, str]:
     return int(hp.get("image_size", 32)), resize or hp.get("resize", "tf_bilinear")
 
 
-def load_net(path: str | Path) -> tuple[ModelS | FlipAverage, list[str], dict]:
+def load_net(path: str | Path) -> tuple[ModelS | TestTimeAugment, list[str], dict]:
     """(network in eval mode, class names, hyperparameters) from a cifar_lightning checkpoint; a
-    model.tta_flip checkpoint's network averages with the mirror image, as its test phase did."""
+    model.tta_flip or model.tta_shift checkpoint's network averages over the same views as its
+    test phase did."""
     ckpt = load_checkpoint(path)
     try:
         # the datamodule's hyperparameters hold how images were decoded (image_size, resize)
@@ -86,8 +87,9 @@ def load_net(path: str | Path) -> tuple[ModelS | FlipAverage, list[str], dict]:
             if k.startswith(prefix)
         }
         net.load_state_dict(state)
-        if hp["model"].get("tta_flip"):
-            net = FlipAverage(net)
+        flip, pixels = bool(hp["model"].get("tta_flip")), int(hp["model"].get("tta_shift") or 0)
+        if flip or pixels:
+            net = TestTimeAugment(net, flip, pixels)
     except UserError:
         raise
     except Exception as exc:

@@ -13,7 +13,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_lightning.model.augment import Augment
 from cifar_lightning.model.graphed import CheapHookBookkeeping, GraphedStep
-from cifar_lightning.model.net import build_net, flip_average
+from cifar_lightning.model.init import whiten_first_conv
+from cifar_lightning.model.net import build_net, tta_average
 from cifar_lightning.model.schedule import build_scheduler
 from cifar_lightning.targets import complete, instantiate
 
@@ -40,6 +41,7 @@ class Classifier(CheapHookBookkeeping, L.LightningModule):
         self.l2 = float(model.get("l2", 0.0))
         self.label_smoothing = float(model.get("label_smoothing", 0.0))
         self.tta_flip = bool(model.get("tta_flip", False))
+        self.tta_shift = int(model.get("tta_shift") or 0)  # pixels
         self.augment = Augment(**model["augment"]) if model.get("augment") else None
         self.compiled = bool(model.get("compile"))
         if self.compiled:
@@ -66,8 +68,11 @@ class Classifier(CheapHookBookkeeping, L.LightningModule):
     def _step(self, batch, stage: str):
         """Validation and test: loss and accuracy of one batch into the stage's metrics."""
         x, y = batch
-        # test-time augmentation: the mean probability with the mirror image
-        logits = flip_average(self, x) if self.tta_flip else self(x)
+        # test-time augmentation: the mean probability over mirrored and shifted views
+        if self.tta_flip or self.tta_shift:
+            logits = tta_average(self, x, self.tta_flip, self.tta_shift)
+        else:
+            logits = self(x)
         loss = F.cross_entropy(logits, y)  # = Keras sparse CE on the softmax, computed from logits
         # Epoch means accumulate on the device, with no per-step .item() sync. The loss counts once
         # per image, so the epoch loss is the per-image mean, as Keras reports it. (MeanMetric's
@@ -165,10 +170,20 @@ class Classifier(CheapHookBookkeeping, L.LightningModule):
             if config.interval == "epoch" and not isinstance(config.scheduler, ReduceLROnPlateau):
                 config.scheduler.step()
 
+    def setup(self, stage: str) -> None:
+        # Before Lightning restores a checkpoint (which then replaces these weights on resume),
+        # and with no random numbers drawn, so a resumed run's random streams stay aligned.
+        if stage == "fit" and self.hparams.model.get("whiten"):
+            count = int(self.hparams.model.get("whiten_images") or 5000)
+            images = self.trainer.datamodule.first_train_images(count)
+            whiten_first_conv(self.net.features[0], images.to(self.device))
+
     def configure_optimizers(self):
-        optimizer = complete(
-            instantiate(self.hparams.optim, "optim"), "optim", params=self.parameters()
-        )
+        optim = dict(self.hparams.optim)
+        # our key, not the optimizer's: false exempts BatchNorm and biases from weight decay
+        decay_all = optim.pop("norm_bias_decay", True)
+        params = self.parameters() if decay_all else decay_groups(self.net)
+        optimizer = complete(instantiate(optim, "optim"), "optim", params=params)
         scheduler_cfg = self.hparams.scheduler
         if not scheduler_cfg or scheduler_cfg.get("_target_") is None:
             return optimizer
@@ -180,3 +195,11 @@ class Classifier(CheapHookBookkeeping, L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": interval},
         }
+
+
+def decay_groups(net: torch.nn.Module) -> list[dict]:
+    """Two parameter groups: kernels (conv and dense weights) with the optimizer's weight decay,
+    BatchNorm scales and shifts and all biases with none."""
+    kernels = [p for p in net.parameters() if p.ndim > 1]
+    others = [p for p in net.parameters() if p.ndim <= 1]
+    return [{"params": kernels}, {"params": others, "weight_decay": 0.0}]

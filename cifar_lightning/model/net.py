@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cifar_lightning.errors import UserError
@@ -60,23 +61,42 @@ class ModelS(nn.Module):
         return self.classifier(self.features(x))
 
 
-def flip_average(forward, x: torch.Tensor) -> torch.Tensor:
-    """Test-time augmentation: the log of the mean softmax of x and its mirror image, used as logits
+def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """x moved by whole pixels (down dy, right dx), the uncovered border filled by reflection."""
+    p = max(abs(dy), abs(dx))
+    h, w = x.shape[-2:]
+    padded = F.pad(x.float(), (p, p, p, p), mode="reflect")
+    return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
+
+
+def tta_views(x: torch.Tensor, flip: bool, pixels: int) -> list[torch.Tensor]:
+    """The images test-time augmentation averages over: x, its mirror (flip), and each of those
+    moved by `pixels` diagonally both ways (pixels > 0): 1, 2, 3 or 6 views."""
+    views = [x, x.flip(-1)] if flip else [x]
+    if pixels:
+        views += [shift(v, d, d) for v in views[:] for d in (pixels, -pixels)]
+    return views
+
+
+def tta_average(forward, x: torch.Tensor, flip: bool, pixels: int = 0) -> torch.Tensor:
+    """Test-time augmentation: the log of the mean softmax over tta_views, used as logits
     (log-space, so finite where a softmax underflows)."""
-    pair = torch.stack([forward(x).log_softmax(-1), forward(x.flip(-1)).log_softmax(-1)])
-    return pair.logsumexp(0) - math.log(2)
+    views = tta_views(x, flip, pixels)
+    logp = torch.stack([forward(v).log_softmax(-1) for v in views])
+    return logp.logsumexp(0) - math.log(len(views))
 
 
-class FlipAverage(nn.Module):
-    """A network that predicts as flip_average: evaluate and predict wrap a model.tta_flip
-    checkpoint in it, so they score it as its own test phase did."""
+class TestTimeAugment(nn.Module):
+    """A network that predicts as tta_average: evaluate, predict and export wrap a checkpoint
+    trained with model.tta_flip or model.tta_shift in it, so they score it as its test phase
+    did."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, flip: bool, pixels: int = 0):
         super().__init__()
-        self.net = net
+        self.net, self.flip, self.pixels = net, bool(flip), int(pixels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return flip_average(self.net, x)
+        return tta_average(self.net, x, self.flip, self.pixels)
 
 
 def _glorot_uniform(m: nn.Module) -> None:

@@ -9,6 +9,7 @@ from cifar_lightning.errors import UserError
 from cifar_lightning.targets import complete, instantiate
 
 COUNTINGS = ("keras", "torch")  # scheduler.counting: whose plateau patience and threshold rules
+ANNEALS = ("cos", "linear")  # scheduler.anneal_strategy: one-cycle's shape after the warm-up
 
 
 def build_scheduler(cfg: dict, optimizer, total_steps) -> tuple[object, str]:
@@ -63,8 +64,10 @@ def one_cycle(
     div_factor: float = 25.0,
     final_div_factor: float = 1e4,
     cycle_momentum: bool = False,
+    anneal_strategy: str = "cos",
 ):
-    """Warm up to max_lr for pct_start of the steps, then anneal (cosine); stepped every batch."""
+    """Warm up to max_lr for pct_start of the steps, then anneal (cosine or linear) to
+    max_lr / div_factor / final_div_factor; stepped every batch."""
     # torch divides by the warm-up's length, pct_start * total_steps - 1: a run that short
     # (a tiny dataset, one epoch) would die in the first step with ZeroDivisionError.
     if not 0 < pct_start < 1 or pct_start * total_steps <= 1:
@@ -81,4 +84,5 @@ def one_cycle(
         div_factor=div_factor,
         final_div_factor=final_div_factor,
         cycle_momentum=cycle_momentum,
+        anneal_strategy=anneal_strategy,
     )
