@@ -15,6 +15,8 @@
 #                    at fp32 (does compiling pay off?); then, on a GPU, the CUDA tests and
 #                    scripts/step_overhead.py (per-step cost, where the host waits for the GPU)
 #            seeds   3-seed multiruns of the reproduction, experiment=next and experiment=best
+#            accuracy  3-seed multiruns of experiment=fast as planned and planned one epoch shorter (its N
+#                    and N-1), then of experiment=best (RESULTS.md's accuracy rows)
 # A part that fails is logged and the next one still runs; the exit status says whether any failed.
 # TRAINER=cpu and EXTRA="data.root=... trainer.max_epochs=1" let a CPU machine try the script small.
 # For a time-limited job (a batch slot that may end midway), three settings:
@@ -26,7 +28,7 @@
 set -uo pipefail
 archive=${1:?usage: bash scripts/gpu_results.sh ARCHIVE [OUT] [recipe,bench,seeds]}
 out=${2:-outputs/gpu_results}
-parts=${3:-graph,recipe,bench,seeds}
+parts=${3:-graph,recipe,bench,seeds,accuracy}
 trainer=${TRAINER:-gpu}
 py=${PYTHON:-python3}
 read -r -a extra <<<"${EXTRA:-}"
@@ -96,6 +98,16 @@ if has seeds; then  # one sweep per RESULTS.md row; each sweep directory holds s
     name=${recipe#experiment=}
     step "seeds_${name:-repro}" "$out/seeds_${name:-repro}.log" "$py" -m cifar_lightning.train -m $recipe \
       trainer="$trainer" seed=0,1,2 "${extra[@]}" hydra.sweep.dir="$out/seeds_${name:-repro}"
+  done
+fi
+if has accuracy; then  # each sweep directory holds summary.md and seeds.csv
+  fast_epochs=$("$py" -c "from cifar_lightning.config import compose
+print(compose(['experiment=fast']).trainer.max_epochs)")
+  for run in fast "fast_short trainer.max_epochs=$((fast_epochs - 1))" best; do
+    read -r name more <<<"$run"
+    step "accuracy_$name" "$out/accuracy_$name.log" "$py" -m cifar_lightning.train -m \
+      experiment="${name%_short}" trainer="$trainer" seed=0,1,2 $more "${extra[@]}" \
+      hydra.sweep.dir="$out/accuracy_$name"
   done
 fi
 echo "results in $out${failed[*]:+; failed: ${failed[*]}}"

@@ -30,7 +30,8 @@ def test_only_a_three_digit_index_is_stripped(folder, ckpt):
 
 
 def test_evaluate_scores_a_checkpoint_as_its_own_test_phase_did(tiny_layout, tmp_path):
-    # a tta_flip checkpoint is evaluated with the flip average and the resize rule it trained with
+    # a tta_flip + tta_shift checkpoint is evaluated on the same 6 views and with the resize rule
+    # it trained with
     from cifar_lightning.evaluate import evaluate
     from cifar_lightning.model.checkpoint import load_checkpoint
     from cifar_lightning.train import train
@@ -44,6 +45,7 @@ def test_evaluate_scores_a_checkpoint_as_its_own_test_phase_did(tiny_layout, tmp
             "data.batch_size=8",
             "seed=1",
             "model.tta_flip=true",
+            "model.tta_shift=1",
             "fidelity=torch",
             *FAST,
         )
@@ -64,5 +66,6 @@ def test_evaluate_scores_a_checkpoint_as_its_own_test_phase_did(tiny_layout, tmp
     assert evaluated["auroc_macro"] == pytest.approx(trained["auroc_macro"], abs=1e-6)
     net, _, _ = load_net(best)
     x, _ = image_batch()
-    with torch.no_grad():  # the check can fail: without the flip average the logits differ
+    with torch.no_grad():  # the check can fail: without the views' average the logits differ
         assert not torch.allclose(net(x), net.net(x), atol=1e-4)
+    assert (net.flip, net.pixels) == (True, 1)

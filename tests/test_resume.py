@@ -19,7 +19,12 @@ def _history(run_dir):
         return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in csv.DictReader(f)]
 
 
-def test_resume_parity(tiny_layout, tmp_path):
+# the default recipe, and one with the recipe levers that draw random numbers or read the data
+LEVERS = ["model.whiten=true", "model.augment={flip:true,crop_pad:2,cutout:4}", "model.tta_shift=1"]
+
+
+@pytest.mark.parametrize("levers", [[], LEVERS], ids=["default", "levers"])
+def test_resume_parity(levers, tiny_layout, tmp_path):
     """Stopped after epoch 2 and resumed, a run ends exactly as an uninterrupted one: same history
     (losses, accuracies, learning-rate cuts) and same test metrics. A min_delta no val_loss change
     can meet makes every epoch after the first "bad", whatever the tiny data does: with patience 2
@@ -30,6 +35,7 @@ def test_resume_parity(tiny_layout, tmp_path):
         "scheduler.patience=2",
         "scheduler.min_delta=100",
         *FAST,
+        *levers,
     ]
     whole = train(cfg_for(tmp_path / "whole", tiny_layout, "trainer.max_epochs=5", *common))
     train(cfg_for(tmp_path / "parts", tiny_layout, "trainer.max_epochs=2", "test=false", *common))

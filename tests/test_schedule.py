@@ -137,3 +137,25 @@ def test_plateau_min_delta_is_absolute_1e4(tmp_path):
     losses = [0.1 - 3e-5 * i for i in range(5)]
     assert _plateau_cuts(cfg_for(tmp_path, tmp_path), losses) == [4]
     assert _plateau_cuts(cfg_for(tmp_path, tmp_path, "scheduler.min_delta=0"), losses) == []
+
+
+def test_one_cycle_linear_anneals_in_a_straight_line_after_the_peak():
+    from cifar_lightning.model.schedule import one_cycle
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    def decay_steps(anneal_strategy: str) -> list[float]:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        schedule = one_cycle(optimizer, 1.0, 101, pct_start=0.2, anneal_strategy=anneal_strategy)
+        lrs = []
+        for _ in range(100):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+        assert max(lrs) == pytest.approx(1.0, rel=0.01) and lrs[-1] == pytest.approx(1e-4 / 25)
+        return [b - a for a, b in zip(lrs[20:], lrs[21:])]  # after the peak at step 19.2
+
+    linear = decay_steps("linear")
+    assert max(linear) - min(linear) < 1e-9 and max(linear) < 0
+    cosine = decay_steps("cos")  # the default bends
+    assert max(cosine) - min(cosine) > 1e-3

@@ -108,3 +108,28 @@ def test_step_overhead_script_times_the_five_loops():
     assert float(rows["a"][2]) == 0 and float(rows["c"][3]) == pytest.approx(
         float(rows["a"][1]) / float(rows["c"][1]), abs=0.01
     )
+
+
+def test_the_accuracy_part_sweeps_fast_as_planned_and_one_epoch_shorter_then_best(tmp_path):
+    # a stand-in interpreter records each command; for the config read it answers 7 epochs
+    calls, fake_python = tmp_path / "calls.txt", tmp_path / "python"
+    fake_python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\necho 7\n')
+    fake_python.chmod(0o755)
+    r = subprocess.run(
+        ["bash", "scripts/gpu_results.sh", "download", str(tmp_path / "gpu"), "accuracy"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": str(fake_python), "TRAINER": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    sweeps = [c for c in calls.read_text().splitlines() if c.startswith("-m cifar_lightning.train")]
+    assert len(sweeps) == 3
+    assert all(" -m " in s and "seed=0,1,2" in s and "trainer=cpu" in s for s in sweeps)
+    assert "experiment=fast " in sweeps[0] and "max_epochs" not in sweeps[0]
+    assert "experiment=fast " in sweeps[1] and "trainer.max_epochs=6" in sweeps[1]
+    assert "experiment=best " in sweeps[2]
+    assert [s.split("hydra.sweep.dir=")[1] for s in sweeps] == [
+        f"{tmp_path / 'gpu'}/accuracy_{name}" for name in ("fast", "fast_short", "best")
+    ]
