@@ -14,7 +14,7 @@
 #            bench   the (a)/(b)/(c) benchmark with fp32 and bf16 (c); then eager against torch.compile'd (c)
 #                    at fp32 (does compiling pay off?); then, on a GPU, the CUDA tests and
 #                    scripts/step_overhead.py (per-step cost, where the host waits for the GPU)
-#            seeds   3-seed multiruns of the reproduction, experiment=next and experiment=best
+#            seeds   3-seed multiruns of the reproduction and experiment=next
 #            accuracy  3-seed multiruns of experiment=fast as planned and planned one epoch shorter (its N
 #                    and N-1), then of experiment=best (RESULTS.md's accuracy rows)
 # A part that fails is logged and the next one still runs; the exit status says whether any failed.
@@ -94,7 +94,7 @@ if has bench; then
   fi
 fi
 if has seeds; then  # one sweep per RESULTS.md row; each sweep directory holds summary.md and seeds.csv
-  for recipe in "" experiment=next experiment=best; do
+  for recipe in "" experiment=next; do
     name=${recipe#experiment=}
     step "seeds_${name:-repro}" "$out/seeds_${name:-repro}.log" "$py" -m cifar_lightning.train -m $recipe \
       trainer="$trainer" seed=0,1,2 "${extra[@]}" hydra.sweep.dir="$out/seeds_${name:-repro}"

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from cifar_lightning.build import resolve_precision
 from cifar_lightning.config import CONF_DIR, check_values, compose
 from cifar_lightning.errors import UserError
+from cifar_lightning.model.optim import build_optimizer
 from cifar_lightning.model.schedule import build_scheduler
 from cifar_lightning.targets import check_override_targets, check_targets, instantiate
 from tests.conftest import cfg_for
@@ -37,8 +38,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     cfg = cfg_for(tmp_path, tmp_path, f"{group}={option}")
     OmegaConf.resolve(cfg)
     check_targets(cfg)
-    params = [torch.nn.Parameter(torch.zeros(2))]
-    opt = instantiate(cfg.optim, "optim")(params=params)
+    opt = build_optimizer(OmegaConf.to_container(cfg.optim), torch.nn.Linear(2, 2))
     assert isinstance(opt, torch.optim.Optimizer)
     if cfg.scheduler._target_:
         scheduler, interval = build_scheduler(
@@ -179,7 +179,7 @@ def test_command_line_check_passes_allowed_targets_and_deletions():
         ),
         ("model.tta_shift=-1", "model.tta_shift=-1: must be a whole number >= 0"),
         ("model.whiten=yes", "model.whiten=yes: must be true or false"),
-        ("optim.norm_bias_decay=no", "optim.norm_bias_decay=no: must be true or false"),
+        ("optim=sgd optim.norm_bias_decay=no", "optim.norm_bias_decay=no: must be true or false"),
         (
             "scheduler=onecycle scheduler.anneal_strategy=step",
             "scheduler.anneal_strategy=step is not one of: cos, linear",

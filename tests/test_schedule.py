@@ -142,7 +142,6 @@ def test_plateau_min_delta_is_absolute_1e4(tmp_path):
 def test_one_cycle_linear_anneals_in_a_straight_line_after_the_peak():
     from cifar_lightning.model.schedule import one_cycle
 
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     def decay_steps(anneal_strategy: str) -> list[float]:
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
         schedule = one_cycle(optimizer, 1.0, 101, pct_start=0.2, anneal_strategy=anneal_strategy)

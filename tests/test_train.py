@@ -109,8 +109,11 @@ def test_experiments_train_one_epoch(experiment, tiny_layout, tmp_path):
     if experiment == "next":
         assert hp["model"]["l2"] == 1e-4 and group["betas"] == (0.9, 0.999)  # Adam
     else:
-        assert hp["model"]["tta_flip"] and hp["model"]["label_smoothing"] == 0.1
+        assert hp["model"]["tta_flip"] and hp["model"]["label_smoothing"] == 0.2
+        assert hp["model"]["tta_shift"] == 1 and hp["model"]["whiten"] is True
         assert group["nesterov"] is True and group["weight_decay"] == 5e-4  # SGD
+        # no weight decay on BatchNorm and biases: the second parameter group
+        assert ckpt["optimizer_states"][0]["param_groups"][1]["weight_decay"] == 0.0
         # one-cycle over the whole fit: 8 steps of 16
         assert ckpt["lr_schedulers"][0]["total_steps"] == 8
 

@@ -97,3 +97,26 @@ def load_net(path: str | Path) -> tuple[ModelS | TestTimeAugment, list[str], dic
             f"{path}: not a cifar_lightning checkpoint ({type(exc).__name__}: {exc})"
         ) from exc
     return net.eval(), class_names, hp
+
+
+# what evaluate, predict and load_net read; the optimizer's state and the callbacks' are left out
+INFERENCE_KEYS = (
+    "hyper_parameters",
+    "datamodule_hyper_parameters",
+    "state_dict",
+    "epoch",
+    "global_step",
+    "pytorch-lightning_version",
+)
+
+
+def inference_copy(src: str | Path, dst: str | Path) -> dict:
+    """Write to `dst` the part of checkpoint `src` that inference needs (about half its size for
+    SGD with momentum, whose buffers match the weights in size); returns what was written. It
+    can be evaluated, predicted with and exported, not resumed."""
+    ckpt = load_checkpoint(src)
+    if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise UserError(f"{src}: not a cifar_lightning checkpoint (no state_dict/hyper_parameters)")
+    slim = {k: ckpt[k] for k in INFERENCE_KEYS if k in ckpt}
+    torch.save(slim, dst)
+    return slim

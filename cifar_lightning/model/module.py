@@ -15,8 +15,8 @@ from cifar_lightning.model.augment import Augment
 from cifar_lightning.model.graphed import CheapHookBookkeeping, GraphedStep
 from cifar_lightning.model.init import whiten_first_conv
 from cifar_lightning.model.net import build_net, tta_average
+from cifar_lightning.model.optim import build_optimizer
 from cifar_lightning.model.schedule import build_scheduler
-from cifar_lightning.targets import complete, instantiate
 
 
 class Classifier(CheapHookBookkeeping, L.LightningModule):
@@ -179,11 +179,7 @@ class Classifier(CheapHookBookkeeping, L.LightningModule):
             whiten_first_conv(self.net.features[0], images.to(self.device))
 
     def configure_optimizers(self):
-        optim = dict(self.hparams.optim)
-        # our key, not the optimizer's: false exempts BatchNorm and biases from weight decay
-        decay_all = optim.pop("norm_bias_decay", True)
-        params = self.parameters() if decay_all else decay_groups(self.net)
-        optimizer = complete(instantiate(optim, "optim"), "optim", params=params)
+        optimizer = build_optimizer(self.hparams.optim, self.net)
         scheduler_cfg = self.hparams.scheduler
         if not scheduler_cfg or scheduler_cfg.get("_target_") is None:
             return optimizer
@@ -195,11 +191,3 @@ class Classifier(CheapHookBookkeeping, L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": interval},
         }
-
-
-def decay_groups(net: torch.nn.Module) -> list[dict]:
-    """Two parameter groups: kernels (conv and dense weights) with the optimizer's weight decay,
-    BatchNorm scales and shifts and all biases with none."""
-    kernels = [p for p in net.parameters() if p.ndim > 1]
-    others = [p for p in net.parameters() if p.ndim <= 1]
-    return [{"params": kernels}, {"params": others, "weight_decay": 0.0}]

@@ -10,6 +10,9 @@ torch.optim.RMSprop has only the second form; no torch eps reproduces the first.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from cifar_lightning.targets import complete, instantiate
 
 
 class RMSprop(torch.optim.Optimizer):
@@ -64,3 +67,21 @@ class RMSprop(torch.optim.Optimizer):
                 denom = torch._foreach_add(torch._foreach_sqrt(avgs), group["eps"])
             torch._foreach_addcdiv_(params, grads, denom, value=-group["lr"])
         return loss
+
+
+def build_optimizer(cfg: dict, net: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of an optim config for net's parameters. One key is ours, not the
+    optimizer's: norm_bias_decay=false exempts BatchNorm scales and shifts and all biases from
+    weight decay (decay_groups)."""
+    cfg = dict(cfg)
+    decay_all = cfg.pop("norm_bias_decay", True)
+    params = net.parameters() if decay_all else decay_groups(net)
+    return complete(instantiate(cfg, "optim"), "optim", params=params)
+
+
+def decay_groups(net: nn.Module) -> list[dict]:
+    """Two parameter groups: kernels (conv and dense weights) with the optimizer's weight decay,
+    BatchNorm scales and shifts and all biases with none."""
+    kernels = [p for p in net.parameters() if p.ndim > 1]
+    others = [p for p in net.parameters() if p.ndim <= 1]
+    return [{"params": kernels}, {"params": others, "weight_decay": 0.0}]
