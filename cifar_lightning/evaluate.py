@@ -20,7 +20,7 @@ from cifar_lightning import cli
 from cifar_lightning.config import INFERENCE_RULES, check_values
 from cifar_lightning.data.folder import KerasImageFolder
 from cifar_lightning.errors import UserError
-from cifar_lightning.inference import pick_device, predict_logits
+from cifar_lightning.inference import describe_precision, pick_device, predict_logits
 from cifar_lightning.model.checkpoint import image_rule, load_net
 from cifar_lightning.report import write_evaluation
 
@@ -59,7 +59,8 @@ def evaluate(cfg: DictConfig) -> dict:
     with tqdm(folder.samples, desc="decoding", unit="img") as samples:
         images = torch.stack([folder.loader(p) for p, _ in samples])
     labels = torch.tensor([index[t] for t in folder.targets])
-    logits = predict_logits(net, images, cfg.batch_size, device)
+    log.info(describe_precision(hp.get("precision"), device))
+    logits = predict_logits(net, images, cfg.batch_size, device, hp.get("precision"))
     run_dir = Path(cfg.run_dir)
     metrics = write_evaluation(
         run_dir,

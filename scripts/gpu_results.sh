@@ -26,7 +26,7 @@
 #                      TensorBoard) are re-packed here, with a monitor.log of host and GPU memory, so a
 #                      call cut off midway still brings back what was done.
 set -uo pipefail
-archive=${1:?usage: bash scripts/gpu_results.sh ARCHIVE [OUT] [recipe,bench,seeds]}
+archive=${1:?usage: bash scripts/gpu_results.sh ARCHIVE [OUT] [graph,recipe,bench,seeds,accuracy]}
 out=${2:-outputs/gpu_results}
 parts=${3:-graph,recipe,bench,seeds,accuracy}
 trainer=${TRAINER:-gpu}

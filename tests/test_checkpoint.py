@@ -43,6 +43,8 @@ def test_an_inference_copy_scores_as_the_original_and_is_about_half_its_size(tmp
         }
     ]
     ckpt["callbacks"] = {"History": {"rows": []}}
+    # how the run decoded its images, which evaluate and predict decode theirs by
+    ckpt["datamodule_hyper_parameters"] = {"image_size": 32, "resize": "pil_bilinear"}
     torch.save(ckpt, full)
     slim = tmp_path / "slim.ckpt"
     r = subprocess.run(
@@ -52,7 +54,10 @@ def test_an_inference_copy_scores_as_the_original_and_is_about_half_its_size(tmp
         text=True,
     )
     assert r.returncode == 0, r.stderr
-    assert set(load_checkpoint(slim)) == {"hyper_parameters", "state_dict"}
+    kept = load_checkpoint(slim)
+    assert set(kept) == {"hyper_parameters", "datamodule_hyper_parameters", "state_dict"}
+    assert kept["datamodule_hyper_parameters"] == {"image_size": 32, "resize": "pil_bilinear"}
+    assert load_net(slim)[2]["resize"] == "pil_bilinear"
     assert slim.stat().st_size < 0.6 * full.stat().st_size
     x, _ = image_batch()
     (a, *_), (b, *_) = load_net(full), load_net(slim)

@@ -69,3 +69,40 @@ def test_evaluate_scores_a_checkpoint_as_its_own_test_phase_did(tiny_layout, tmp
     with torch.no_grad():  # the check can fail: without the views' average the logits differ
         assert not torch.allclose(net(x), net.net(x), atol=1e-4)
     assert (net.flip, net.pixels) == (True, 1)
+
+
+def test_evaluate_runs_at_the_precision_the_checkpoint_trained_at(tiny_layout, tmp_path, caplog):
+    # A bf16-mixed run tests under bf16 autocast: evaluate scores its checkpoint the same way.
+    import torch.nn.functional as F
+
+    from cifar_lightning.data.folder import KerasImageFolder
+    from cifar_lightning.evaluate import evaluate
+    from tests.conftest import make_classifier, save_ckpt
+
+    module = make_classifier(tmp_path)
+    with torch.no_grad():  # larger logits, so that rounding them to bf16 moves the loss clearly
+        module.net.classifier[-1].weight.mul_(20)
+    module.hparams.precision = "bf16-mixed"
+    ckpt = save_ckpt(module, tmp_path / "bf16.ckpt")
+    folder = KerasImageFolder(tiny_layout / "test")
+    images = torch.stack([folder.loader(p) for p, _ in folder.samples])
+    labels = torch.tensor(folder.targets)
+    module.eval()
+    with torch.no_grad():
+        fp32 = F.cross_entropy(module(images), labels).item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = F.cross_entropy(module(images).float(), labels).item()
+    caplog.set_level("INFO", logger="cifar_lightning.evaluate")
+    cfg = compose(
+        [
+            f"ckpt_path={ckpt}",
+            f"eval_dir={tiny_layout / 'test'}",
+            f"run_dir={tmp_path / 'eval'}",
+            "device=cpu",
+        ],
+        config_name="evaluate",
+    )
+    evaluated = evaluate(cfg)
+    assert "precision bf16-mixed (bf16 autocast on cpu)" in caplog.text
+    assert evaluated["test_loss"] == pytest.approx(bf16, abs=1e-6)
+    assert abs(fp32 - bf16) > 1e-4  # the check can fail: fp32 scores otherwise

@@ -162,3 +162,47 @@ def test_whitening_init_decorrelates_patches_and_keeps_both_signs():
     assert torch.allclose(cov, torch.eye(16, dtype=torch.float64), atol=1e-3)
     assert torch.equal(conv.weight[16:], -conv.weight[:16])
     assert conv.weight.requires_grad  # it stays trainable
+    # The filters are the top 16 principal directions: the patches' variance along each (unit)
+    # filter direction is one of the 16 largest eigenvalues of their covariance, not the
+    # smallest (any eigen-direction scaled by 1/sqrt(its variance) whitens to unit variance)
+    eigenvalues = torch.linalg.eigvalsh(torch.cov(patches.T))  # ascending
+    w = conv.weight.double().reshape(32, 27)[:16]
+    along = torch.cov((patches @ (w / w.norm(dim=1, keepdim=True)).T).T).diagonal()
+    assert torch.allclose(along.sort().values, eigenvalues[-16:], rtol=1e-4)
+    assert eigenvalues[:16].sum() < 0.5 * eigenvalues[-16:].sum()  # the bottom 16: far smaller
+    # with added variance eps, each output's variance is lambda / (lambda + eps), largest first
+    whiten_first_conv(conv, images, eps_fraction=0.5)
+    out = patches @ conv.weight.double().reshape(32, 27)[:16].T
+    expected = eigenvalues[-16:] / (eigenvalues[-16:] + 0.5 * eigenvalues.mean())
+    assert torch.allclose(out.var(0).sort().values, expected, rtol=1e-4)
+
+
+def _whitening_reference(conv, images, eps_fraction):
+    """Weight and bias as whitening first computed them: every patch at once, in float64."""
+    patches = torch.nn.functional.unfold(images.double() / 255.0, conv.kernel_size)
+    patches = patches.transpose(1, 2).reshape(-1, conv.weight[0].numel())
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))
+    half = conv.out_channels // 2
+    scale = (eigenvalues[-half:] + eps_fraction * eigenvalues.mean()).rsqrt()
+    top = eigenvectors[:, -half:].T * scale[:, None]
+    weight = torch.cat([top, -top])
+    return weight, -weight @ patches.mean(0)
+
+
+@pytest.mark.parametrize("chunk_patches", [100, 2**18])  # many chunks (and a partial one), one
+def test_whitening_by_chunks_matches_the_float64_reference(chunk_patches):
+    from cifar_lightning.model.init import whiten_first_conv
+
+    torch.manual_seed(0)
+    noise = torch.nn.functional.avg_pool2d(torch.rand(37, 3, 14, 14), 3, 1)
+    images = (noise * 255).round().to(torch.uint8)  # as the datamodule gives them
+    conv = nn.Conv2d(3, 32, 3, padding=1)
+    whiten_first_conv(conv, images, chunk_patches=chunk_patches)
+    weight, bias = _whitening_reference(conv, images, 1e-3)
+    got_w, got_b = conv.weight.detach().double().reshape(32, 27), conv.bias.detach().double()
+    # an eigenvector's sign is arbitrary: filter i may be the reference's filter i + 16
+    same = (got_w[:16] * weight[:16]).sum(1) > 0
+    order = torch.where(same, torch.arange(16), torch.arange(16) + 16)
+    order = torch.cat([order, (order + 16) % 32])
+    assert torch.allclose(got_w, weight[order], rtol=1e-4, atol=1e-4 * weight.abs().max())
+    assert torch.allclose(got_b, bias[order], rtol=1e-4, atol=1e-4 * bias.abs().max())

@@ -158,3 +158,23 @@ def test_one_cycle_linear_anneals_in_a_straight_line_after_the_peak():
     assert max(linear) - min(linear) < 1e-9 and max(linear) < 0
     cosine = decay_steps("cos")  # the default bends
     assert max(cosine) - min(cosine) > 1e-3
+
+
+def test_one_cycle_anneal_strategy_shapes_the_warm_up_too():
+    from cifar_lightning.model.schedule import one_cycle
+
+    def warm_up_steps(anneal_strategy: str) -> list[float]:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        schedule = one_cycle(optimizer, 1.0, 101, pct_start=0.2, anneal_strategy=anneal_strategy)
+        lrs = []
+        for _ in range(20):  # the warm-up ends at step 19.2
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        assert lrs[0] == pytest.approx(1.0 / 25)
+        return [b - a for a, b in zip(lrs, lrs[1:])]
+
+    linear = warm_up_steps("linear")
+    assert max(linear) - min(linear) < 1e-9 and min(linear) > 0
+    cosine = warm_up_steps("cos")
+    assert max(cosine) - min(cosine) > 1e-3 and min(cosine) > 0

@@ -133,3 +133,16 @@ def test_the_accuracy_part_sweeps_fast_as_planned_and_one_epoch_shorter_then_bes
     assert [s.split("hydra.sweep.dir=")[1] for s in sweeps] == [
         f"{tmp_path / 'gpu'}/accuracy_{name}" for name in ("fast", "fast_short", "best")
     ]
+
+
+def test_gpu_results_usage_names_every_part_it_runs_by_default():
+    r = subprocess.run(
+        ["bash", "scripts/gpu_results.sh"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    default = next(
+        line.split(":-", 1)[1].rstrip("}")
+        for line in (ROOT / "scripts" / "gpu_results.sh").read_text().splitlines()
+        if line.startswith("parts=${3:-")
+    )
+    assert default == "graph,recipe,bench,seeds,accuracy"
+    assert r.returncode != 0 and f"ARCHIVE [OUT] [{default}]" in r.stderr

@@ -87,9 +87,8 @@ def tta_average(forward, x: torch.Tensor, flip: bool, pixels: int = 0) -> torch.
 
 
 class TestTimeAugment(nn.Module):
-    """A network that predicts as tta_average: evaluate, predict and export wrap a checkpoint
-    trained with model.tta_flip or model.tta_shift in it, so they score it as its test phase
-    did."""
+    """A network that predicts as tta_average: evaluate and predict wrap a checkpoint trained
+    with model.tta_flip or model.tta_shift in it, so they score it as its test phase did."""
 
     def __init__(self, net: nn.Module, flip: bool, pixels: int = 0):
         super().__init__()

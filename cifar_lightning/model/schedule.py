@@ -9,7 +9,8 @@ from cifar_lightning.errors import UserError
 from cifar_lightning.targets import complete, instantiate
 
 COUNTINGS = ("keras", "torch")  # scheduler.counting: whose plateau patience and threshold rules
-ANNEALS = ("cos", "linear")  # scheduler.anneal_strategy: one-cycle's shape after the warm-up
+# scheduler.anneal_strategy: one-cycle's curve in both phases, the warm-up and the decay
+ANNEALS = ("cos", "linear")
 
 
 def build_scheduler(cfg: dict, optimizer, total_steps) -> tuple[object, str]:
@@ -66,8 +67,9 @@ def one_cycle(
     cycle_momentum: bool = False,
     anneal_strategy: str = "cos",
 ):
-    """Warm up to max_lr for pct_start of the steps, then anneal (cosine or linear) to
-    max_lr / div_factor / final_div_factor; stepped every batch."""
+    """Warm up from max_lr / div_factor to max_lr for pct_start of the steps, then decay to
+    max_lr / div_factor / final_div_factor; stepped every batch. anneal_strategy (cos or linear)
+    shapes both: torch's OneCycleLR interpolates each phase with it."""
     # torch divides by the warm-up's length, pct_start * total_steps - 1: a run that short
     # (a tiny dataset, one epoch) would die in the first step with ZeroDivisionError.
     if not 0 < pct_start < 1 or pct_start * total_steps <= 1:
