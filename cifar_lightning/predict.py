@@ -2,6 +2,10 @@
 
     python -m cifar_lightning.predict ckpt_path=PATH/best.ckpt inputs=my_photos/
     python -m cifar_lightning.predict ckpt_path=PATH/best.ckpt "inputs='pics/*.jpg'"
+    python -m cifar_lightning.predict backend=onnxruntime onnx_path=PATH/model.onnx inputs=pics/
+
+backend=onnxruntime runs a `cifar-export format=onnx` model instead of a checkpoint: the class
+names, image size and resize rule come from its metadata, the images are decoded alike.
 
 Prints a table and writes predictions.csv (path, prediction, top-k classes with probabilities) to
 outputs/predict/<date>/<time>/. Unreadable files are reported by path and skipped."""
@@ -10,7 +14,9 @@ from __future__ import annotations
 
 import glob
 import logging
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import hydra
 import torch
@@ -20,6 +26,7 @@ from cifar_lightning import cli
 from cifar_lightning.config import INFERENCE_RULES, check_values
 from cifar_lightning.data.folder import EXTENSIONS, decode
 from cifar_lightning.errors import UserError
+from cifar_lightning.exported import OnnxClassifier, require_onnx
 from cifar_lightning.inference import pick_device, predict_logits
 from cifar_lightning.model.checkpoint import image_rule, load_net
 from cifar_lightning.report import short_name, write_csv
@@ -45,11 +52,37 @@ def find_inputs(spec: str) -> list[Path]:
     return files
 
 
-def predict(cfg: DictConfig) -> list[dict]:
-    check_values(cfg, INFERENCE_RULES)
+def load_classifier(cfg: DictConfig) -> tuple[Callable, list[str], int, str]:
+    """(uint8 images -> probabilities, class names, image size, resize rule) for cfg.backend."""
+    backend = cfg.get("backend", "torch")
+    onnx = backend == "onnxruntime"
+    needed, other = ("onnx_path", "ckpt_path") if onnx else ("ckpt_path", "onnx_path")
+    if cfg.get(needed) is None:
+        example = "PATH/model.onnx (from cifar-export format=onnx)" if onnx else "PATH/best.ckpt"
+        raise UserError(f"backend={backend} needs {needed}={example}")
+    if cfg.get(other) is not None:
+        raise UserError(f"{other}={cfg.get(other)}: not read by backend={backend}; give {needed}")
+    if onnx:
+        require_onnx("backend=onnxruntime", ("onnxruntime",))
+        model = OnnxClassifier(cfg.onnx_path, cfg.device)
+        run = partial(model, batch_size=cfg.batch_size)
+        return run, model.class_names, model.image_size, cfg.resize or model.resize
     device = pick_device(cfg.device)
     net, class_names, hp = load_net(cfg.ckpt_path)
     size, resize = image_rule(hp, cfg.resize)
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        # at the precision the checkpoint trained at (None in older ones: fp32)
+        logits = predict_logits(net, images, cfg.batch_size, device, hp.get("precision"))
+        return logits.softmax(-1)
+
+    return run, class_names, size, resize
+
+
+def probabilities(cfg: DictConfig) -> tuple[list[str], torch.Tensor, list[str]]:
+    """(paths of the readable images, their probabilities N x classes, class names)."""
+    check_values(cfg, INFERENCE_RULES)
+    run, class_names, size, resize = load_classifier(cfg)
     paths, images = [], []
     for f in find_inputs(str(cfg.inputs)):
         try:
@@ -59,7 +92,11 @@ def predict(cfg: DictConfig) -> list[dict]:
             log.warning(f"skipped {exc}")
     if not images:
         raise UserError(f"inputs={cfg.inputs}: none of the files is a readable image")
-    probs = predict_logits(net, torch.stack(images), cfg.batch_size, device).softmax(-1)
+    return paths, run(torch.stack(images)), class_names
+
+
+def predict(cfg: DictConfig) -> list[dict]:
+    paths, probs, class_names = probabilities(cfg)
     k = min(cfg.top_k, len(class_names))
     top_p, top_i = probs.topk(k, dim=-1)
     rows = []
