@@ -69,6 +69,23 @@ def test_cached_and_per_file_paths_give_identical_batches(tiny_layout):
     assert cached.classes == CLASSES
 
 
+def test_whitening_sample_spans_every_class_of_the_train_directories(tiny_layout):
+    # 4 directories x 10 classes x 2 images, each sorted by class: the first 16 images would be
+    # classes 0-7 of train_1 only
+    cached, per_file = (_datamodule(tiny_layout, cache=c) for c in (True, False))
+    images, labels = cached._data["train"][0].images, cached._data["train"][0].labels
+    assert len(labels) == 80 and labels[:16].unique().tolist() == list(range(8))
+    sample = cached.first_train_images(16)
+    index = torch.linspace(0, 79, 16, dtype=torch.float64).long()
+    assert sample.dtype == torch.uint8 and torch.equal(sample, images[index])
+    assert labels[index].unique().tolist() == list(range(10))  # every class
+    assert torch.equal(per_file.first_train_images(16), sample)
+    assert torch.equal(cached.first_train_images(1000), images)  # at most the whole set
+    rng = torch.random.get_rng_state()
+    cached.first_train_images(16)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # no random numbers drawn
+
+
 def test_per_file_batches_are_pinned_only_when_training_on_a_gpu(tiny_layout):
     from types import SimpleNamespace
 

@@ -14,11 +14,12 @@ class DirectoryBatchSampler(Sampler[list[int]]):
     4 directories of 10,000 at batch 64 give 4 x 157 = 628 steps. mode="random" is one permutation
     of everything (625 steps); mode="sequential" keeps file order (validation, test).
 
-    Each epoch reshuffles from (seed, epoch). With world_size > 1 (DDP) every batch is split into
-    world_size contiguous chunks and each rank takes its own: data.batch_size stays the global
-    batch, every rank takes the same number of steps, and each image is seen once per epoch.
-    DDP averages the ranks' gradients, which equals the single-process step when chunks are
-    equal."""
+    Each epoch reshuffles from (seed, epoch); fixed=True keeps epoch 0's order every epoch (what
+    trainer.overfit_batches needs: the same first batches each time). With world_size > 1 (DDP)
+    every batch is split into world_size contiguous chunks and each rank takes its own:
+    data.batch_size stays the global batch, every rank takes the same number of steps, and each
+    image is seen once per epoch. DDP averages the ranks' gradients, which equals the
+    single-process step when chunks are equal."""
 
     def __init__(
         self,
@@ -28,17 +29,19 @@ class DirectoryBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        fixed: bool = False,
     ):
         if mode not in (*BATCHINGS, "sequential"):
             raise ValueError(f"unknown batching mode {mode!r}")
         self.sizes, self.batch_size, self.mode, self.seed = list(sizes), batch_size, mode, seed
-        self.rank, self.world_size, self.epoch = rank, world_size, 0
+        self.rank, self.world_size, self.epoch, self.fixed = rank, world_size, 0, fixed
         # Lightning calls set_epoch(current_epoch) on `batch_sampler.sampler` before each epoch
         # (also after a resume); we are our own sampler, so the order follows the epoch number.
         self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if not self.fixed:
+            self.epoch = epoch
 
     def batches(self) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)

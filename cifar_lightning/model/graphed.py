@@ -117,9 +117,9 @@ class CheapHookBookkeeping:
 
 
 class GraphedStep:
-    """`step(x, y, backward, optimizer)` updates everything in place and returns nothing.
-    `eager(x, y)` is the same step through Lightning (counted as an optimizer step there); a
-    replay is counted by `count()`."""
+    """`step(x, y, backward, optimizer)` updates everything in place and returns its loss,
+    detached. `eager(x, y)` is the same step through Lightning (counted as an optimizer step
+    there); a replay is counted by `count()`."""
 
     def __init__(
         self,
@@ -136,6 +136,7 @@ class GraphedStep:
         # tests on the CPU pass a stand-in that replays the call
         self.graph_type = graph_type or CudaGraph
         self.graph, self.inputs, self.lrs = None, None, None
+        self.loss = None  # the captured step's loss: a replay writes this same tensor
         self.eager_steps = self.captures = self.replays = 0
         # Adam & co keep their step count on the device (on a GPU; the CPU stand-in leaves them
         # as they are). capturable_was: the flags to write into checkpoints, as a plain run's.
@@ -154,16 +155,16 @@ class GraphedStep:
     def _lrs(self) -> list:
         return [group["lr"] for group in self.optimizer.param_groups]
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One training step: eager while warming up or for a partial batch, else a replay."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """One training step: eager while warming up or for a partial batch, else a replay.
+        Returns the step's loss; a replay's is the captured output tensor, which the next replay
+        overwrites."""
         if self.eager_steps < self.warmup:
             self.eager_steps += 1
             with _side_stream(x.device):
-                self.eager(x, y)
-            return
+                return self.eager(x, y)
         if len(y) != self.batch_size:
-            self.eager(x, y)
-            return
+            return self.eager(x, y)
         if self.graph is None or self._lrs() != self.lrs:
             self._capture(x, y)
         self.inputs[0].copy_(x, non_blocking=True)
@@ -171,9 +172,10 @@ class GraphedStep:
         self.graph.replay()
         self.count()
         self.replays += 1
+        return self.loss
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.graph = None  # the old graph's memory goes back first
+        self.graph = self.loss = None  # the old graph's memory goes back first
         inputs, self.lrs = (torch.empty_like(x), torch.empty_like(y)), self._lrs()
         device = x.device.type
         # Under bf16-mixed, Lightning's autocast is active here (with its cast cache already off,
@@ -187,7 +189,8 @@ class GraphedStep:
 
         def step():
             with torch.autocast(**autocast):
-                self.step(*inputs, torch.Tensor.backward, self.optimizer)
+                # allocated in the graph's memory pool and kept: the static output of replays
+                self.loss = self.step(*inputs, torch.Tensor.backward, self.optimizer)
 
         graph = self.graph_type()
         graph.capture(step)
