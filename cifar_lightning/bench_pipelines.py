@@ -305,7 +305,7 @@ def pipeline_c(
     (checkpoints, early stopping, progress bar, history...) and logger, all timed. Each fit writes
     into its own directory, removed afterwards."""
     L.seed_everything(cfg.seed, verbose=False)
-    model = build_module(cfg, classes)
+    model = build_module(cfg, classes, run_precision=precision)
     fits = Path(tempfile.mkdtemp(prefix="c-fits-", dir=cfg.run_dir))
 
     def make_trainer(callbacks=(), **kw):

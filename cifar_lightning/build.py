@@ -5,15 +5,19 @@ assemble through here, so they run the same thing; prepare builds its datamodule
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_lightning import precision
 from cifar_lightning.callbacks import History, RandomState, RunSettings
 from cifar_lightning.data.datamodule import CifarDataModule
+from cifar_lightning.errors import UserError
+from cifar_lightning.loggers import build_loggers
 from cifar_lightning.model.graphed import CudaGraphSteps
 from cifar_lightning.model.module import Classifier
 from cifar_lightning.targets import instantiate
@@ -55,7 +59,11 @@ def model_config(cfg: DictConfig, num_classes: int) -> dict:
     return model
 
 
-def build_module(cfg: DictConfig, class_names: list[str]) -> Classifier:
+def build_module(
+    cfg: DictConfig, class_names: list[str], run_precision: str | None = None
+) -> Classifier:
+    """The Classifier, recording the precision the Trainer will run at (`run_precision`, else
+    cfg.trainer.precision with auto resolved), so evaluate and predict run at it too."""
     return Classifier(
         model=model_config(cfg, len(class_names)),
         optim=plain(cfg.optim),
@@ -63,30 +71,37 @@ def build_module(cfg: DictConfig, class_names: list[str]) -> Classifier:
         class_names=class_names,
         monitor=cfg.monitor,
         image_size=cfg.data.image_size,
+        precision=str(run_precision or resolve_precision(cfg)),
     )
 
 
 def build_logger_and_callbacks(cfg: DictConfig) -> tuple:
-    """The configured logger (or False) and callbacks (the LR monitor only with a logger), then
-    ours: history.csv, the RNG state and model.cuda_graph's step. All write into cfg.run_dir."""
-    logger = instantiate(cfg.logger, "logger") if cfg.logger.get("_target_") else False
+    """The configured loggers (a list, maybe empty) and callbacks (the LR monitor only with a
+    logger), then ours: history.csv, the RNG state and model.cuda_graph's step. All write into
+    cfg.run_dir."""
+    loggers = build_loggers(cfg)
     configured = [
         instantiate(c, f"callbacks.{k}")
         for k, c in cfg.callbacks.items()
-        if c is not None and (logger or k != "lr_monitor")
+        if c is not None and (loggers or k != "lr_monitor")
     ]
     ours = [History(Path(cfg.run_dir) / "history.csv"), RandomState(), RunSettings()]
     if cfg.model.get("cuda_graph"):
         ours.append(CudaGraphSteps())
-    return logger, configured + ours
+    return loggers, configured + ours
 
 
 def build_trainer(cfg: DictConfig, *callbacks: L.Callback, **overrides) -> L.Trainer:
     """cfg.trainer with build_logger_and_callbacks' logger and callbacks, then `callbacks`;
     `overrides` replace Trainer arguments (the benchmark's max_epochs and precision)."""
     resolve_precision(cfg)
-    logger, configured = build_logger_and_callbacks(cfg)
-    kwargs = {"logger": logger, "profiler": build_profiler(cfg), **overrides}
+    loggers, configured = build_logger_and_callbacks(cfg)
+    kwargs = {"logger": loggers or False, "profiler": build_profiler(cfg), **overrides}
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        # submitit requeues a signalled job itself, and the job continues from last.ckpt
+        # (resume.requeued_checkpoint). Lightning's SLURM auto-requeue listens on another signal
+        # and would requeue it a second time: off.
+        kwargs.setdefault("plugins", [SLURMEnvironment(auto_requeue=False)])
     return instantiate(cfg.trainer, "trainer", callbacks=configured + list(callbacks), **kwargs)
 
 
@@ -104,6 +119,18 @@ def resolve_precision(cfg: DictConfig, resumed: str | None = None) -> str:
     log.info(f"trainer.precision=auto -> {chosen}: {why}")
     cfg.trainer.precision = chosen
     return chosen
+
+
+def refuse_run_dir_inside_data(run_dir: Path, data_root: Path) -> None:
+    """A run directory inside data.root would have its figures read as training images by the
+    next run (every folder under a split is a class), so it is refused before anything starts."""
+    run, root = run_dir.resolve(), data_root.resolve()
+    if run == root or root in run.parents:
+        raise UserError(
+            f"run directory {run} is inside data.root={root}: its files would be read "
+            "as images; put runs elsewhere (hydra.run.dir=..., or launch from another "
+            "folder)"
+        )
 
 
 PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}

@@ -14,6 +14,7 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from cifar_lightning.errors import UserError
+from cifar_lightning.loggers import log_figure, log_hparams
 from cifar_lightning.model.net import count_params
 from cifar_lightning.report import (
     best_epoch,
@@ -199,8 +200,7 @@ class RunReport(L.Callback):
         if not trainer.is_global_zero:
             return
         fig = plot_history(rows, best=self.best)
-        if trainer.logger:
-            trainer.logger.experiment.add_figure("training_curves", fig, close=False)
+        log_figure(trainer.loggers, "training_curves", fig)
         save_figure(fig, self.run_dir / "training_curves.png")
         if not self.test:
             write_json(self.run_dir / "metrics.json", self.metrics)
@@ -209,6 +209,8 @@ class RunReport(L.Callback):
     def on_test_start(self, trainer, pl_module):
         if self.best_ckpt:
             log.info(f"Restoring best weights from the end of epoch {self.best}: {self.best_ckpt}")
+        elif trainer.fast_dev_run:
+            log.info("trainer.fast_dev_run saves no checkpoint: testing the final weights")
         else:
             log.info("no best checkpoint (callbacks.checkpoint=null): testing the final weights")
 
@@ -224,7 +226,9 @@ class RunReport(L.Callback):
         logits, labels = gather_test_outputs(self._outputs, trainer.world_size, len(paths))
         if not trainer.is_global_zero:
             return
-        tb = trainer.logger.experiment if trainer.logger else None
+        if len(labels) < len(paths):  # limit_test_batches, fast_dev_run: the first batches only
+            log.info(f"testing the first {len(labels)} of {len(paths)} test images")
+            paths = paths[: len(labels)]
         self.metrics = write_evaluation(
             self.run_dir,
             logits,
@@ -232,7 +236,7 @@ class RunReport(L.Callback):
             paths,
             pl_module.hparams.class_names,
             extra=self.metrics,
-            tb_writer=tb,
+            on_figure=lambda name, fig: log_figure(trainer.loggers, name, fig),
         )
         m = self.metrics
         log.info(
@@ -242,13 +246,7 @@ class RunReport(L.Callback):
         self._log_hparams(trainer)
 
     def _log_hparams(self, trainer) -> None:
-        if trainer.logger:
-            flat = {
-                f"hparams/{k}": v
-                for k, v in self.metrics.items()
-                if isinstance(v, (int, float)) and math.isfinite(v)
-            }
-            trainer.logger.log_hyperparams(self.hparams, flat)
+        log_hparams(trainer.loggers, self.hparams, self.metrics)
 
 
 def gather_test_outputs(outputs: list, world_size: int, n_images: int):

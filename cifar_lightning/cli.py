@@ -13,6 +13,7 @@ from typing import Callable
 
 from cifar_lightning.errors import UserError, one_line, to_log_files, user_facing_cause
 from cifar_lightning.private_api import hydra_args_parser
+from cifar_lightning.search import every_trial_failed
 from cifar_lightning.targets import check_override_targets
 
 
@@ -41,7 +42,7 @@ def run(hydra_main: Callable[[], object], after_sigterm: str = "") -> None:
             sys.exit(143)
         raise
     except Exception as exc:  # noqa: BLE001 - we decide below what is the user's to fix
-        cause = user_facing_cause(exc)
+        cause = user_facing_cause(exc) or every_trial_failed(exc)
         if wants_traceback or cause is None:
             raise
         line = one_line(cause)

@@ -71,6 +71,11 @@ def list_of(rule: tuple, example: str, empty_ok: bool = False) -> tuple:
 
 
 WHOLE_LIST = list_of(whole(1), "[32,64,128]")
+# Lightning's rule for limit_*_batches and overfit_batches: a count (int) or a fraction (float)
+BATCH_LIMIT = (
+    (lambda v: _is_int(v) and v >= 0 or isinstance(v, float) and 0 <= v <= 1),
+    "must be a whole number of batches >= 0 or a fraction in [0.0, 1.0]",
+)
 NAME = (lambda v: isinstance(v, str) and v != ""), "must be a folder name"
 AUGMENT_NUMBERS = {"rotation_deg", "zoom", "translate"}  # >= 0
 AUGMENT_PIXELS = {"crop_pad", "cutout"}  # whole pixels >= 0
@@ -98,6 +103,7 @@ MONITOR_MODES = {"val/loss": "min", "val/acc": "max"}
 RULES = {
     "seed": whole(0),
     "test": BOOLEAN,
+    "sweep_objective": one_of("best_val_acc", "best_val_loss"),
     "monitor": one_of(*MONITOR_MODES),
     "monitor_mode": one_of("min", "max"),
     "data.batch_size": whole(1),
@@ -146,7 +152,7 @@ RULES = {
     "callbacks.early_stopping.min_delta": number(0),
     "callbacks.early_stopping.check_finite": BOOLEAN,
     "callbacks.progress_bar.refresh_rate": whole(0),
-    # The Classifier runs its own optimizer step (Lightning's manual optimization), which these two
+    # The Classifier runs its own optimizer step (Lightning's manual optimization), which these
     # Trainer options would reach into; Lightning would stop with a traceback
     "trainer.accumulate_grad_batches": (
         (lambda v: v == 1),
@@ -156,8 +162,29 @@ RULES = {
     "trainer.gradient_clip_val": (
         (lambda v: v == 0),
         "is not supported: the Classifier steps its optimizer itself "
-        "(Lightning's manual optimization)",
+        "(Lightning's manual optimization); use model.grad_clip=MAX_NORM instead",
     ),
+    "trainer.gradient_clip_algorithm": (
+        (lambda v: False),
+        "is not supported: the Classifier steps its optimizer itself "
+        "(Lightning's manual optimization); use model.grad_clip_algorithm=norm|value instead",
+    ),
+    "model.grad_clip": number(0, above=True),
+    "model.grad_clip_algorithm": one_of("norm", "value"),
+    # debug=...: Lightning's own checks would stop with a traceback
+    "trainer.fast_dev_run": (
+        (lambda v: isinstance(v, bool) or _is_int(v) and v >= 0),
+        "must be true, false or a whole number of batches >= 0",
+    ),
+    **{
+        f"trainer.{key}": BATCH_LIMIT
+        for key in (
+            "overfit_batches",
+            "limit_train_batches",
+            "limit_val_batches",
+            "limit_test_batches",
+        )
+    },
 }
 # the only optim/scheduler keys that hold text
 TEXT_KEYS = {
@@ -193,6 +220,7 @@ INFERENCE_RULES = {
     "top_k": whole(1),
     "device": one_of("auto", "cpu", "cuda"),
     "resize": one_of(*RESIZES),
+    "backend": one_of("torch", "onnxruntime"),  # predict's: a checkpoint, or a cifar-export .onnx
 }
 
 
@@ -214,6 +242,7 @@ def check_values(cfg: DictConfig, extra_rules: dict | None = None) -> None:
         if v is not None and not ok(v):  # null: absent, or left to the code's own default
             sep = " " if must.startswith("is ") else ": "
             raise UserError(f"{_typed_key(cfg, key)}={_shown(v)}{sep}{must}")
+    check_model_fits_data(cfg)
     monitor, mode = cfg.get("monitor"), cfg.get("monitor_mode")
     if monitor in MONITOR_MODES and mode is not None and mode != MONITOR_MODES[monitor]:
         raise UserError(
@@ -224,6 +253,32 @@ def check_values(cfg: DictConfig, extra_rules: dict | None = None) -> None:
         for k, v in (OmegaConf.select(cfg, group, default=None) or {}).items():
             if isinstance(v, str) and k not in TEXT_KEYS:
                 raise UserError(f"{_typed_key(cfg, f'{group}.{k}')}={v}: must be a number")
+
+
+# values in a 3x3 RGB patch, what model.whiten decorrelates for ModelS's first conv (model/init.py)
+WHITEN_PATCH = 3 * 3 * 3
+
+
+def check_model_fits_data(cfg: DictConfig) -> None:
+    """The values that must agree with another key, checked once each has the right kind."""
+    size = OmegaConf.select(cfg, "data.image_size", default=None)
+    for key in ("model.augment.crop_pad", "model.tta_shift"):
+        pixels = OmegaConf.select(cfg, key, default=None)
+        # F.pad(mode="reflect") needs a pad smaller than the side
+        if size is not None and pixels is not None and pixels >= size:
+            raise UserError(
+                f"{_typed_key(cfg, key)}={pixels}: must be below "
+                f"{_typed_key(cfg, 'data.image_size')}={size} (reflect padding)"
+            )
+    widths = OmegaConf.select(cfg, "model.widths", default=None)
+    if OmegaConf.select(cfg, "model.whiten", default=None) and widths:
+        if widths[0] % 2 or widths[0] > 2 * WHITEN_PATCH:
+            raise UserError(
+                f"{_typed_key(cfg, 'model.widths')}={_shown(widths)}: with "
+                f"{_typed_key(cfg, 'model.whiten')}=true the first width must be even and at "
+                f"most {2 * WHITEN_PATCH} (half its filters are the top directions of the "
+                f"{WHITEN_PATCH} values of a 3x3 RGB patch, half their negatives)"
+            )
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:

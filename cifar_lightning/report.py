@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from filelock import FileLock  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 from torchmetrics.functional.classification import (  # noqa: E402
     multiclass_accuracy,
@@ -236,9 +237,11 @@ def short_name(name: str) -> str:
 
 
 def write_evaluation(
-    run_dir: Path, logits, labels, paths, class_names, extra: dict | None = None, tb_writer=None
+    run_dir: Path, logits, labels, paths, class_names, extra: dict | None = None, on_figure=None
 ) -> dict:
-    """metrics.json, predictions.csv, confusion_matrix.png and roc_curves.png into run_dir."""
+    """metrics.json, predictions.csv, confusion_matrix.png and roc_curves.png into run_dir;
+    `on_figure(name, figure)`, if given, also gets each figure (train sends them to its
+    loggers)."""
     metrics = {**(extra or {}), **classification_metrics(logits, labels, class_names)}
     write_json(run_dir / "metrics.json", metrics)
     write_predictions(run_dir / "predictions.csv", paths, labels, logits, class_names)
@@ -246,8 +249,8 @@ def write_evaluation(
         ("confusion_matrix", plot_confusion(logits, labels, class_names)),
         ("roc_curves", plot_roc(logits, labels, class_names)),
     ):
-        if tb_writer is not None:
-            tb_writer.add_figure(f"test/{name}", fig, close=False)
+        if on_figure is not None:
+            on_figure(f"test/{name}", fig)
         save_figure(fig, run_dir / f"{name}.png")
     return metrics
 
@@ -271,8 +274,11 @@ SUMMARY_COLUMNS = [
 
 
 class SweepSummary(Callback):
-    """Hydra callback: after each multirun job, rewrite summary.csv/.md/.png in the sweep directory.
-    Updated per job (not at multirun end), so the summary exists even when a job fails."""
+    """Hydra callback: after each multirun job, rewrite summary.csv/.md/.png in the sweep directory,
+    so the summary exists even when a job fails or the sweep is cut short; and once more at the
+    multirun's end. Jobs of a parallel launcher (joblib, submitit) finish in any order, at once:
+    each writes its own summary_row.json, and the summary is rebuilt from all of them under a
+    file lock."""
 
     def __init__(self):
         self._start: dict[str, float] = {}
@@ -313,6 +319,11 @@ class SweepSummary(Callback):
             row.update({k: m.get(k) for k in SUMMARY_COLUMNS if k in m})
         write_json(run_dir / "summary_row.json", row)
         write_summary(Path(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config, **kwargs):
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir() and any(sweep_dir.glob("*/summary_row.json")):
+            write_summary(sweep_dir)
 
 
 def job_error(job_return) -> BaseException:
@@ -384,7 +395,14 @@ def sort_by_monitor(rows: list[dict]) -> None:
 
 
 def write_summary(sweep_dir: Path) -> list[dict]:
-    """summary.csv, summary.md and summary.png (and seeds.csv) from the jobs' summary rows."""
+    """summary.csv, summary.md and summary.png (and seeds.csv) from the jobs' summary rows, under
+    the sweep's lock: two jobs ending at once would otherwise each write a summary missing the
+    other's row."""
+    with FileLock(str(sweep_dir / ".summary.lock")):
+        return _write_summary(sweep_dir)
+
+
+def _write_summary(sweep_dir: Path) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary_row.json"))]
     sort_by_monitor(rows)
     # also names the recipe and seed of rows written before rows recorded them

@@ -6,6 +6,7 @@ are there), with the same classes and network, so everything is checked before f
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from cifar_lightning.errors import UserError
@@ -98,10 +99,22 @@ def log_also_to(path: Path) -> None:
         log.info(f"resumed from {Path(hydra_files[0].baseFilename).parent}")
 
 
+def requeued_checkpoint(run_dir: str | Path) -> str | None:
+    """checkpoints/last.ckpt of a requeued submitit job. Preempted or timed out, the job was
+    resubmitted by submitit (the launcher's checkpoint(), up to max_num_timeout times) into the
+    same run directory; Hydra gives every new job a new directory, so a first start finds none."""
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if os.environ.get("SUBMITIT_EXECUTOR") and last.is_file():
+        log.info(f"requeued job: continuing from {last}")
+        return str(last)
+    return None
+
+
 def continue_run(cfg) -> tuple[str, dict] | tuple[None, None]:
-    """(checkpoint path, its content) for cfg.resume, or (None, None). A resumed run moves
-    cfg.run_dir to the interrupted run's directory and logs to its train.log too."""
-    path, ckpt = resolve(cfg.resume)
+    """(checkpoint path, its content) for cfg.resume, or for a requeued job its last.ckpt, or
+    (None, None). A resumed run moves cfg.run_dir to the interrupted run's directory and logs to
+    its train.log too."""
+    path, ckpt = resolve(cfg.resume or requeued_checkpoint(cfg.run_dir))
     if path:
         cfg.run_dir = str(Path(path).resolve().parent.parent)
         log.info(f"continuing the run in {cfg.run_dir}")

@@ -42,6 +42,7 @@ PROJECT_TARGETS = (
     "cifar_lightning.model.schedule.one_cycle",
     "cifar_lightning.callbacks.InterruptCheckpoint",
     "cifar_lightning.report.SweepSummary",
+    "cifar_lightning.search.StorageFolder",
 )
 
 

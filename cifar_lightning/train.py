@@ -27,14 +27,14 @@ from cifar_lightning.build import (
     build_module,
     build_profiler,
     build_trainer,
-    plain,
+    refuse_run_dir_inside_data,
     resolve_precision,
 )
 from cifar_lightning.callbacks import RunReport
 from cifar_lightning.config import check_config
-from cifar_lightning.errors import UserError
+from cifar_lightning.loggers import recipe_hparams
+from cifar_lightning.model.checkpoint import load_weights
 from cifar_lightning.model.net import summary
-from cifar_lightning.report import history_column
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def train(cfg: DictConfig) -> dict:
             model.hparams.optim,
         )
     log.info(summary(model.net))
-    report = RunReport(run_dir, cfg.monitor, cfg.monitor_mode, flat_hparams(cfg), cfg.test)
+    report = RunReport(run_dir, cfg.monitor, cfg.monitor_mode, recipe_hparams(cfg), cfg.test)
     trainer = build_trainer(cfg, report)
     # Ctrl-C and SIGTERM leave fit() by SystemExit (cli.run)
     report.start_clock()
@@ -70,48 +70,19 @@ def train(cfg: DictConfig) -> dict:
     if cfg.test:
         # a fresh profiler, if any: one keeps what it recorded, and test's would repeat fit's rows
         trainer.profiler = build_profiler(cfg) or trainer.profiler
-        trainer.test(
-            model,
-            datamodule=datamodule,
-            ckpt_path=report.best_ckpt or None,
-            weights_only=True,
-            verbose=False,
-        )
+        if report.best_ckpt:
+            # The weights best.ckpt holds, loaded here rather than by test(ckpt_path=...): with a
+            # weight-averaging callback (callbacks=ema) Lightning would restore the raw weights
+            # kept for resume over the average the checkpoint holds, and evaluate reads.
+            load_weights(model, report.best_ckpt)
+        trainer.test(model, datamodule=datamodule, verbose=False)
     log.info(f"artefacts in {run_dir}")
     return report.metrics
 
 
-def refuse_run_dir_inside_data(run_dir: Path, data_root: Path) -> None:
-    """A run directory inside data.root would have its figures read as training images by the
-    next run (every folder under a split is a class), so it is refused before anything starts."""
-    run, root = run_dir.resolve(), data_root.resolve()
-    if run == root or root in run.parents:
-        raise UserError(
-            f"run directory {run} is inside data.root={root}: its files would be read "
-            "as images; put runs elsewhere (hydra.run.dir=..., or launch from another "
-            "folder)"
-        )
-
-
-def flat_hparams(cfg: DictConfig) -> dict:
-    """The whole config, flattened to `group/key` for the logger's hparams table."""
-    return _flatten(plain(cfg))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{key}/"))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _main(cfg: DictConfig) -> float:
-    return train(cfg)["best_" + history_column(cfg.monitor)]  # the monitored value, for sweepers
+    return train(cfg)[cfg.sweep_objective]  # what a sweeper (hparams_search=optuna) maximises
 
 
 def main() -> None:

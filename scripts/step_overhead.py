@@ -123,7 +123,7 @@ def lightning(
                 run_cfg = copy.deepcopy(train_cfg)
                 run_cfg.run_dir = tmp
                 logger, configured = build_logger_and_callbacks(run_cfg)
-                options, callbacks = dict(logger=logger), [*configured, *callbacks]
+                options, callbacks = dict(logger=logger or False), [*configured, *callbacks]
             # one validation batch, untimed: the checkpoint and early stopping need val/loss
             L.Trainer(
                 accelerator=device.type,

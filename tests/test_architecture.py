@@ -8,7 +8,7 @@ import cifar_lightning
 
 PACKAGE = Path(cifar_lightning.__file__).parent
 SCRIPTS = PACKAGE.parent / "scripts"
-ENTRY_POINTS = {"train", "evaluate", "predict", "prepare", "bench", "notebook"}
+ENTRY_POINTS = {"train", "evaluate", "predict", "prepare", "bench", "export", "lr_find", "notebook"}
 
 
 def module_name(path: Path) -> str:

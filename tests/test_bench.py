@@ -118,6 +118,9 @@ def _keras_python() -> str | None:
     return py if found.returncode == 0 else None
 
 
+# slow: TensorFlow is not among the test extras (hundreds of MB); with -m slow it needs the keras
+# extra (or KERAS_PYTHON), and CI's rule that a skip for a missing extra fails applies to it too
+@pytest.mark.slow
 @pytest.mark.skipif(_keras_python() is None, reason="needs the keras extra (or KERAS_PYTHON)")
 def test_bench_k_times_the_keras_notebook_and_pairs_it_with_c(tiny_layout, tmp_path):
     out = _bench(

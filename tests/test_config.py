@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from cifar_lightning.build import resolve_precision
 from cifar_lightning.config import CONF_DIR, check_values, compose
 from cifar_lightning.errors import UserError
+from cifar_lightning.loggers import build_loggers, logger_nodes
 from cifar_lightning.model.optim import build_optimizer
 from cifar_lightning.model.schedule import build_scheduler
 from cifar_lightning.targets import check_override_targets, check_targets, instantiate
@@ -34,7 +35,8 @@ def test_defaults_are_the_notebook_recipe(tmp_path):
 
 
 @pytest.mark.parametrize("group,option", OPTIONS)
-def test_every_option_composes_and_instantiates(group, option, tmp_path):
+def test_every_option_composes_and_instantiates(group, option, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # logger=mlflow's store is outputs/mlflow.db in the launch folder
     cfg = cfg_for(tmp_path, tmp_path, f"{group}={option}")
     OmegaConf.resolve(cfg)
     check_targets(cfg)
@@ -48,8 +50,8 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     for key, cb in cfg.callbacks.items():
         if cb is not None:
             assert instantiate(cb, f"callbacks.{key}") is not None
-    if cfg.logger._target_:
-        assert instantiate(cfg.logger, "logger") is not None
+    loggers = build_loggers(cfg)  # every configured logger builds (each extra is installed)
+    assert len(loggers) == len(logger_nodes(cfg))
     # CI has no GPU
     resolve_precision(cfg)  # trainer.precision=auto is resolved before a Trainer is built
     trainer_cfg = OmegaConf.merge(cfg.trainer, {"accelerator": "cpu", "devices": 1})
@@ -226,8 +228,18 @@ def test_command_line_check_passes_allowed_targets_and_deletions():
         (
             "+trainer.gradient_clip_val=1.0",
             "trainer.gradient_clip_val=1.0 is not supported: the Classifier steps its "
-            "optimizer itself (Lightning's manual optimization)",
+            "optimizer itself (Lightning's manual optimization); use model.grad_clip=MAX_NORM "
+            "instead",
         ),
+        (
+            "+trainer.gradient_clip_algorithm=value",
+            "trainer.gradient_clip_algorithm=value is not supported: the Classifier steps its "
+            "optimizer itself (Lightning's manual optimization); use "
+            "model.grad_clip_algorithm=norm|value instead",
+        ),
+        ("model.grad_clip=0", "model.grad_clip=0: must be a number > 0"),
+        ("model.grad_clip=abc", "model.grad_clip=abc: must be a number > 0"),
+        ("model.grad_clip_algorithm=l2", "model.grad_clip_algorithm=l2 is not one of: norm, value"),
     ],
 )
 def test_a_value_of_the_wrong_kind_is_named_before_anything_runs(override, message, tmp_path):
@@ -318,3 +330,64 @@ def test_device_cuda_without_a_gpu_is_one_error_line(monkeypatch):
     with pytest.raises(UserError, match=r"^device=cuda: no CUDA GPU is usable here"):
         pick_device("cuda")
     assert pick_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.tta_shift=32"],
+            "model.tta_shift=32: must be below data.image_size=32 (reflect padding)",
+        ),
+        (
+            ["data.image_size=16", "model.augment={flip:true,crop_pad:16}"],
+            "model.augment.crop_pad=16: must be below data.image_size=16 (reflect padding)",
+        ),
+        (
+            ["model.whiten=true", "model.widths=[33,64,128]"],
+            "model.widths=[33, 64, 128]: with model.whiten=true the first width must be even and "
+            "at most 54 (half its filters are the top directions of the 27 values of a 3x3 RGB "
+            "patch, half their negatives)",
+        ),
+        (
+            ["model.whiten=true", "model.widths=[56,64,128]"],
+            "model.widths=[56, 64, 128]: with model.whiten=true the first width must be even and "
+            "at most 54 (half its filters are the top directions of the 27 values of a 3x3 RGB "
+            "patch, half their negatives)",
+        ),
+    ],
+)
+def test_values_that_must_fit_another_key_are_named_before_anything_runs(
+    overrides, message, tmp_path
+):
+    from cifar_lightning.train import train
+
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        train(cfg_for(tmp_path / "run", tmp_path / "no_data", *overrides))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_largest_values_that_fit_pass(tmp_path):
+    check_values(cfg_for(tmp_path, tmp_path, "model.tta_shift=31", "model.augment={crop_pad:31}"))
+    check_values(cfg_for(tmp_path, tmp_path, "model.whiten=true", "model.widths=[54,64,128]"))
+    check_values(cfg_for(tmp_path, tmp_path, "model.whiten=false", "model.widths=[33,64,128]"))
+    check_values(cfg_for(tmp_path, tmp_path, "experiment=fast"))  # whiten, crop_pad 2, shift 1
+
+
+@pytest.mark.parametrize("width, fits", [(54, True), (56, False), (2, True), (33, False)])
+def test_the_whiten_check_is_the_constraint_whitening_has(width, fits, tmp_path):
+    from torch import nn
+
+    from cifar_lightning.model.init import whiten_first_conv
+
+    cfg = cfg_for(tmp_path, tmp_path, "model.whiten=true", f"model.widths=[{width},64,128]")
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    conv = nn.Conv2d(3, width, 3, padding=1)
+    if fits:
+        check_values(cfg)
+        whiten_first_conv(conv, images)
+    else:
+        with pytest.raises(UserError, match=r"^model\.widths="):
+            check_values(cfg)
+        with pytest.raises(ValueError, match="cannot whiten"):
+            whiten_first_conv(conv, images)

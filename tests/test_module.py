@@ -246,6 +246,8 @@ def test_module_steps_plateau_schedule_on_val_loss_not_val_acc(tmp_path, monkeyp
 def test_tta_shift_averages_probabilities_over_the_six_views(tmp_path):
     from cifar_lightning.model.net import tta_views
 
+    fast = cfg_for(tmp_path, tmp_path, "experiment=fast").model  # validates and tests on 6 views
+    assert (fast.tta_flip, fast.tta_shift) == (True, 1)
     module = make_classifier(tmp_path, tta_flip=True, tta_shift=1)
     with torch.no_grad():
         module.net.classifier[-1].weight.mul_(20)
@@ -253,9 +255,13 @@ def test_tta_shift_averages_probabilities_over_the_six_views(tmp_path):
     module.eval()
     with torch.no_grad():
         logits = module.test_step((x, y), 0)
+        module.validation_step((x, y), 0)
         probs = [module(v).softmax(-1) for v in tta_views(x, True, 1)]
     assert len(probs) == 6
     assert torch.allclose(logits.softmax(-1), torch.stack(probs).mean(0), atol=1e-6)
+    assert module.val_loss.compute().item() == pytest.approx(
+        F.nll_loss(torch.stack(probs).mean(0).log(), y).item(), rel=1e-5
+    )
     # the check can fail: the flip pair alone gives other probabilities
     assert (logits.softmax(-1) - (probs[0] + probs[1]) / 2).abs().max() > 1e-4
 
@@ -289,7 +295,10 @@ def test_whiten_initialises_the_first_conv_from_the_training_images_at_fit_setup
     before = module.net.features[0].weight.clone()
     module.setup("test")
     assert seen == [] and torch.equal(module.net.features[0].weight, before)
+    rng = torch.random.get_rng_state()
     module.setup("fit")
+    # no random numbers drawn: a resumed run's random streams stay aligned with an uninterrupted one
+    assert torch.equal(torch.random.get_rng_state(), rng)
     weight = module.net.features[0].weight
     assert seen == [4] and not torch.equal(weight, before)
     assert torch.equal(weight[16:], -weight[:16])

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import cifar_lightning.precision as precision
+from cifar_lightning.loggers import recipe_hparams
 from cifar_lightning.private_api import cpu_has_native_bf16
-from cifar_lightning.train import flat_hparams, train
+from cifar_lightning.train import train
 from tests.conftest import cfg_for, make_classifier
 
 FAST = ["logger=none", "callbacks.progress_bar.refresh_rate=0", "trainer=cpu"]
@@ -68,9 +69,10 @@ def test_a_run_records_what_auto_chose_and_why(
     assert json.loads((tmp_path / "metrics.json").read_text())["precision"] == expected
     assert f"trainer.precision=auto -> {expected}: " in caplog.text
     # the loggers' hparams are the config as it ran
-    assert flat_hparams(cfg)["trainer/precision"] == expected
+    assert recipe_hparams(cfg)["precision"] == expected
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["callbacks"]["RunSettings"] == {"precision": expected}
+    assert saved["hyper_parameters"]["precision"] == expected  # what evaluate and predict run at
 
 
 def test_a_resumed_auto_run_keeps_the_precision_it_started_with(tiny_layout, tmp_path, monkeypatch):
@@ -87,6 +89,10 @@ def test_a_resumed_auto_run_keeps_the_precision_it_started_with(tiny_layout, tmp
     # the same run continued on a machine where auto would choose fp32
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    # from a checkpoint older than the precision hyperparameter: the resume is not refused
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["hyper_parameters"]["precision"]
+    torch.save(ckpt, last)
     resumed = cfg_for(
         tmp_path / "other",
         tiny_layout,
@@ -97,6 +103,20 @@ def test_a_resumed_auto_run_keeps_the_precision_it_started_with(tiny_layout, tmp
         *FAST,
     )
     assert train(resumed)["precision"] == "bf16-mixed"
+    saved = torch.load(last, weights_only=True)
+    assert saved["epoch"] == 1 and saved["hyper_parameters"]["precision"] == "bf16-mixed"
+
+
+def test_the_module_records_the_precision_the_trainer_runs_at(tmp_path, monkeypatch):
+    from cifar_lightning.build import build_module
+    from tests.conftest import CLASSES
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    cfg = cfg_for(tmp_path, tmp_path, "trainer.precision=auto")
+    assert build_module(cfg, CLASSES).hparams.precision == "bf16-mixed"  # auto, resolved
+    assert cfg.trainer.precision == "bf16-mixed"
+    # the benchmark's (c) passes the precision it gives the Trainer
+    assert build_module(cfg, CLASSES, run_precision="32-true").hparams.precision == "32-true"
 
 
 def test_cpu_autocast_computes_in_bf16_and_keeps_the_state_in_fp32(tmp_path):

@@ -23,7 +23,11 @@ def _history(run_dir):
 LEVERS = ["model.whiten=true", "model.augment={flip:true,crop_pad:2,cutout:4}", "model.tta_shift=1"]
 
 
-@pytest.mark.parametrize("levers", [[], LEVERS], ids=["default", "levers"])
+# an average that moves fast enough to differ from the weights within the tiny run
+EMA = ["callbacks=ema", "callbacks.ema.decay=0.9"]
+
+
+@pytest.mark.parametrize("levers", [[], LEVERS, EMA], ids=["default", "levers", "ema"])
 def test_resume_parity(levers, tiny_layout, tmp_path):
     """Stopped after epoch 2 and resumed, a run ends exactly as an uninterrupted one: same history
     (losses, accuracies, learning-rate cuts) and same test metrics. A min_delta no val_loss change

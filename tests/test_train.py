@@ -231,7 +231,7 @@ def test_a_run_directory_inside_data_root_is_refused_before_anything_is_written(
 
 
 def test_a_run_directory_beside_data_root_is_fine(tmp_path):
-    from cifar_lightning.train import refuse_run_dir_inside_data
+    from cifar_lightning.build import refuse_run_dir_inside_data
 
     refuse_run_dir_inside_data(tmp_path / "outputs" / "run", tmp_path / "data" / "cifar10")
     refuse_run_dir_inside_data(tmp_path / "cifar10-runs", tmp_path / "cifar10")

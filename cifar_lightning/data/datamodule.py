@@ -81,7 +81,7 @@ class CifarDataModule(L.LightningDataModule):
         super().__init__()
         # how images are decoded goes into every checkpoint, so evaluate and predict decode theirs
         # the same way (checkpoint.image_rule)
-        self.save_hyperparameters("image_size", "resize")
+        self.save_hyperparameters("image_size", "resize", logger=False)
         self.root, self.source = Path(root), source
         self.train_dirs, self.val_dir, self.test_dir = list(train_dirs), val_dir, test_dir
         self.batch_size, self.image_size, self.cache = batch_size, image_size, cache
@@ -143,13 +143,16 @@ class CifarDataModule(L.LightningDataModule):
             self._data[role] = (dataset, [len(d) for d in parts])
 
     def first_train_images(self, count: int) -> torch.Tensor:
-        """The first `count` training images in directory order (no shuffling, no random
-        numbers), uint8 N x C x H x W: the sample a data-dependent initialisation reads."""
+        """`count` training images evenly spaced over all the train directories, in their order
+        (no random numbers), uint8 N x C x H x W: the sample a data-dependent initialisation
+        reads. Each directory is sorted by class, so its first images would be a few classes
+        only."""
         dataset, _ = self._data["train"]
         count = min(count, len(dataset))
+        index = torch.linspace(0, len(dataset) - 1, count, dtype=torch.float64).long()
         if isinstance(dataset, TensorImages):
-            return dataset.images[:count]
-        return torch.stack([torch.as_tensor(dataset[i][0]) for i in range(count)])
+            return dataset.images[index.to(dataset.images.device)]
+        return torch.stack([torch.as_tensor(dataset[i][0]) for i in index.tolist()])
 
     def _batch_device(self) -> torch.device:
         """The GPU the trainer runs on, else the CPU: where cached tensors live and batches go."""
@@ -166,7 +169,11 @@ class CifarDataModule(L.LightningDataModule):
             if role == "train"
             else eval_batch_size(self.eval_batch_size, self.batch_size, self._batch_device())
         )
-        sampler = DirectoryBatchSampler(sizes, batch_size, mode, self.seed, rank, world)
+        # trainer.overfit_batches: Lightning swaps a shuffling sampler for a sequential one, so
+        # that every epoch trains on the same first batches; it does not look into a custom
+        # batch_sampler (ours shuffles per epoch), so the order is fixed here instead.
+        fixed = role == "train" and getattr(trainer, "overfit_batches", 0) > 0
+        sampler = DirectoryBatchSampler(sizes, batch_size, mode, self.seed, rank, world, fixed)
         if self.cache:
             return DataLoader(
                 dataset, batch_sampler=sampler, collate_fn=_whole_batch, num_workers=0

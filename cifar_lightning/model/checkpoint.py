@@ -38,6 +38,12 @@ def load_checkpoint(path: str | Path) -> dict:
         ) from exc
 
 
+def load_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """The weights a checkpoint holds (its state_dict; with a weight-averaging callback, the
+    average) into `module`, a module of the run that wrote it."""
+    module.load_state_dict(load_checkpoint(path)["state_dict"])
+
+
 def _unpickler_reason(message: str) -> str:
     """torch's own reason, without its advice to retry with weights_only=False or to allowlist
     globals."""
@@ -79,6 +85,9 @@ def load_net(path: str | Path) -> tuple[ModelS | TestTimeAugment, list[str], dic
             )
         }
         model_cfg["init"] = "torch"  # weights come from the checkpoint; skip the init work
+        # the memory layout the run computed in: under bf16 autocast another layout's kernels
+        # round differently (by up to a bf16 step in the logits)
+        model_cfg["channels_last"] = bool(hp["model"].get("channels_last"))
         net = build_net(model_cfg, int(hp.get("image_size", 32)))
         prefix = "net."
         state = {
@@ -113,7 +122,7 @@ INFERENCE_KEYS = (
 def inference_copy(src: str | Path, dst: str | Path) -> dict:
     """Write to `dst` the part of checkpoint `src` that inference needs (about half its size for
     SGD with momentum, whose buffers match the weights in size); returns what was written. It
-    can be evaluated, predicted with and exported, not resumed."""
+    can be evaluated and predicted with, not resumed."""
     ckpt = load_checkpoint(src)
     if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise UserError(f"{src}: not a cifar_lightning checkpoint (no state_dict/hyper_parameters)")

@@ -11,6 +11,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from cifar_lightning.errors import UserError
 from cifar_lightning.model.augment import Augment
 from cifar_lightning.model.graphed import CheapHookBookkeeping, GraphedStep
 from cifar_lightning.model.init import whiten_first_conv
@@ -32,9 +33,12 @@ class Classifier(CheapHookBookkeeping, L.LightningModule):
         class_names: list[str],
         monitor: str = "val/loss",
         image_size: int = 32,
+        # trainer.precision the run trains at (build_module), for evaluate and predict; None in
+        # checkpoints from before it was stored
+        precision: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # loggers get the recipe (loggers.py)
         self.automatic_optimization = False
         self.net = build_net(model, image_size)
         self.channels_last = bool(model.get("channels_last"))
@@ -92,22 +96,55 @@ class Classifier(CheapHookBookkeeping, L.LightningModule):
             loss = loss + self.l2 * sum(p.pow(2).sum() for p in self.net.parameters() if p.ndim > 1)
         return loss, logits
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, backward, optimizer) -> None:
-        """One optimizer step, all in place and nothing read back: what a CUDA graph captures."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, backward, optimizer) -> torch.Tensor:
+        """One optimizer step, all in place and nothing read back: what a CUDA graph captures.
+        Returns the step's loss, detached (a device tensor: reading it is the caller's sync)."""
         optimizer.zero_grad(set_to_none=True)
         loss, logits = self.train_loss_and_logits(x, y)
         backward(loss)
+        self.clip(optimizer)
         optimizer.step()
+        loss = loss.detach()
         correct = (logits.argmax(1) == y).sum().double()
-        self.train_sums.add_(torch.stack([loss.detach().double() * len(y), correct]))
+        self.train_sums.add_(torch.stack([loss.double() * len(y), correct]))
+        return loss
 
-    def eager_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def clip(self, optimizer) -> None:
+        """model.grad_clip: clip the gradients between backward and the optimizer step, by their
+        total norm (grad_clip_algorithm=norm) or each value (value), through Lightning's precision
+        plugin. Manual optimization has no Trainer(gradient_clip_val). Both torch functions run
+        on the device with nothing read back (the norm's clip factor is a tensor, no
+        error_if_nonfinite check), so a CUDA graph captures them as part of the step."""
+        limit = self.hparams.model.get("grad_clip")
+        if limit:
+            algorithm = self.hparams.model.get("grad_clip_algorithm") or "norm"
+            self.clip_gradients(
+                optimizer, gradient_clip_val=limit, gradient_clip_algorithm=algorithm
+            )
+
+    def on_train_start(self) -> None:
+        # (on_train_start, not on_fit_start: Lightning's learning-rate finder runs from a
+        # callback's on_fit_start and then calls this one, not the module's on_fit_start.)
+        # 16-mixed's GradScaler unscales the gradients inside optimizer.step, after clip(), and
+        # refuses a second unscale_: clipping here would cut the loss-scaled gradients.
+        limit = self.hparams.model.get("grad_clip")
+        if limit and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise UserError(
+                f"model.grad_clip={limit} with trainer.precision={self.trainer.precision}: the "
+                "gradients are still loss-scaled where the Classifier clips them; use "
+                "trainer.precision=bf16-mixed or 32-true, or model.grad_clip=null"
+            )
+
+    def eager_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """train_step through Lightning's backward and optimizer: counted, precision-aware."""
-        self.train_step(x, y, self.manual_backward, self.optimizers())
+        return self.train_step(x, y, self.manual_backward, self.optimizers())
 
     def training_step(self, batch, batch_idx):
+        """One optimizer step; returns its loss, detached and not read back, for Lightning's
+        `outputs` (callbacks' on_train_batch_end, the learning-rate finder). A replayed CUDA
+        graph returns the tensor it writes: the next replay overwrites it (clone to keep it)."""
         x, y = batch
-        (self.graphed or self.eager_step)(x, y)
+        loss = (self.graphed or self.eager_step)(x, y)
         self.train_images += len(y)
         # manual optimization: Lightning steps none
         for config in self.trainer.lr_scheduler_configs:
@@ -118,6 +155,7 @@ class Classifier(CheapHookBookkeeping, L.LightningModule):
             self.train_loss.update(means[0])
             self.train_acc.update(means[1])
             self._log_epoch("train")
+        return loss
 
     def _log_epoch(self, stage: str) -> None:
         """Log the epoch's metric objects once, not per step: two self.log calls a step cost about

@@ -1,0 +1,261 @@
+"""Sweeps beyond the basic launcher, on tiny data through the CLI: hparams_search=optuna (a study
+that continues across invocations, failed trials recorded), the joblib and submitit_local
+launchers (summary rows of parallel jobs, a failing job), a signalled submitit job continuing from
+its last.ckpt, and the SLURM settings."""
+
+import csv
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from cifar_lightning.config import CONF_DIR
+from cifar_lightning.report import SweepSummary, write_summary
+from tests.conftest import run_cli
+
+TINY = [
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "logger=none",
+    "callbacks.progress_bar.refresh_rate=0",
+]
+
+
+def summary_rows(sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def study_trials(launch_dir: Path, study: str):
+    storage = f"sqlite:///{launch_dir}/outputs/optuna/{study}.db"
+    return optuna.load_study(study_name=study, storage=storage).trials
+
+
+def folder_state(folder: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_an_optuna_study_continues_with_new_trials(tiny_layout, tmp_path):
+    args = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", f"data.root={tiny_layout}", *TINY]
+    first = run_cli("cifar_lightning.train", *args, "hydra.sweep.dir=sweep1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = folder_state(tmp_path / "sweep1")
+    second = run_cli("cifar_lightning.train", *args, "hydra.sweep.dir=sweep2", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+
+    trials = study_trials(tmp_path, "cifar_lightning")
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    params = [tuple(sorted(t.params.items())) for t in trials]
+    assert not set(params[:2]) & set(params[2:]), "the continued study repeated its first trials"
+    assert folder_state(tmp_path / "sweep1") == before  # the first invocation's jobs untouched
+    for sweep in ("sweep1", "sweep2"):
+        rows = summary_rows(tmp_path / sweep)
+        assert sorted(r["job"] for r in rows) == ["0", "1"]
+        assert all(r["status"] == "completed" and r["test_accuracy"] == "" for r in rows)
+    # each trial's value is its metrics.json's best_val_acc (sweep_objective)
+    values = sorted(t.value for t in trials[2:])
+    saved = sorted(
+        json.loads((tmp_path / "sweep2" / j / "metrics.json").read_text())["best_val_acc"]
+        for j in ("0", "1")
+    )
+    assert values == pytest.approx(saved)
+
+
+def test_a_failed_trial_is_recorded_and_the_study_goes_on(tiny_layout, tmp_path):
+    result = run_cli(
+        "cifar_lightning.train",
+        "hparams_search=optuna",
+        "hydra.sweeper.study_name=failing",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.seed=0",  # with the pinned Optuna: 1.5 first, then 0.25 twice
+        "model.dropout=choice(0.25,1.5)",  # 1.5 is refused by the config check: that trial fails
+        f"data.root={tiny_layout}",
+        *TINY,
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    trials = study_trials(tmp_path, "failing")
+    fail, complete = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
+    assert [(t.state, t.params["model.dropout"]) for t in trials] == [
+        (fail, 1.5),
+        (complete, 0.25),
+        (complete, 0.25),
+    ]
+    assert "Failed experiment: model.dropout=1.5: must be a number in [0, 1)" in result.stdout
+    assert sorted(r["status"] for r in summary_rows(tmp_path / "sweep")) == [
+        "completed",
+        "completed",
+        "failed",
+    ]
+
+
+def test_a_study_whose_every_trial_failed_ends_in_one_error_line(tiny_layout, tmp_path):
+    result = run_cli(
+        "cifar_lightning.train",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=1",
+        "model.dropout=choice(1.5)",
+        f"data.root={tiny_layout}",
+        *TINY,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: hparams_search: every trial failed, so the study has no best trial")
+    )
+
+
+LAUNCHERS = {
+    "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    "submitit_local": ["hydra/launcher=submitit_local"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_parallel_launchers_summarise_every_job_and_a_failing_one(launcher, tiny_layout, tmp_path):
+    result = run_cli(
+        "cifar_lightning.train",
+        "-m",
+        *LAUNCHERS[launcher],
+        "seed=0,1",
+        "model.dropout=0.5,1.5",
+        f"data.root={tiny_layout}",
+        *TINY,
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error_lines == ["error: model.dropout=1.5: must be a number in [0, 1)"]
+    rows = summary_rows(tmp_path / "sweep")
+    status = {(r["seed"], r["overrides"].split()[1]): r["status"] for r in rows}
+    assert status == {
+        ("0", "model.dropout=0.5"): "completed",
+        ("1", "model.dropout=0.5"): "completed",
+        ("0", "model.dropout=1.5"): "failed",
+        ("1", "model.dropout=1.5"): "failed",
+    }
+    for r in rows:
+        log = (tmp_path / "sweep" / r["job"] / "train.log").read_text()
+        errors = [line for line in log.splitlines() if "error:" in line]
+        if r["status"] == "failed":  # the job's log ends with its one error line
+            assert len(errors) == 1 and errors[0].endswith(error_lines[0])
+        else:
+            assert not errors and (tmp_path / "sweep" / r["job"] / "metrics.json").exists()
+
+
+def _job_process(sweep_dir: Path) -> int | None:
+    """The pid of the submitit task running a job of `sweep_dir`."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"submitit.core._submit" in cmd and any(str(sweep_dir).encode() in c for c in cmd):
+                return int(proc.name)
+    return None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the job's process in /proc")
+def test_a_signalled_submitit_job_is_requeued_and_continues_from_last_ckpt(tiny_layout, tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    epochs = 30
+    args = [
+        *("-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}", "seed=0"),
+        *(f"data.root={tiny_layout}", *TINY, f"trainer.max_epochs={epochs}"),
+        "callbacks.early_stopping=null",
+    ]
+    cmd = [sys.executable, "-m", "cifar_lightning.train", *args]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    last = sweep / "0" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.2)
+    pid = _job_process(sweep)
+    assert last.exists() and pid, "the job never wrote last.ckpt"
+    os.kill(pid, signal.SIGUSR2)  # what SLURM sends before a preemption or the time limit
+    launcher.communicate(timeout=400)
+    assert launcher.returncode == 0
+
+    log = (sweep / "0" / "train.log").read_text()
+    assert "Caught signal SIGUSR2" in log and "requeued job: continuing from" in log
+    with open(sweep / "0" / "history.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(1, epochs + 1))
+    assert summary_rows(sweep)[0]["status"] == "completed"
+    assert json.loads((sweep / "0" / "metrics.json").read_text())["epochs_run"] == epochs
+
+
+def test_the_slurm_launcher_config_names_its_cluster_settings():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert launcher.gpus_per_task == 1 and launcher.timeout_min == 240
+    assert launcher.max_num_timeout == 3
+
+
+def test_lightnings_slurm_requeue_stays_off_under_submitit(tmp_path, monkeypatch):
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from cifar_lightning.build import build_trainer
+    from tests.conftest import cfg_for
+
+    slurm_job = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "x"}
+    for key, value in {**slurm_job, "SLURM_JOB_ID": "1"}.items():
+        monkeypatch.setenv(key, value)
+    trainer = build_trainer(cfg_for(tmp_path, tmp_path, "logger=none"))
+    environment = trainer._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
+
+
+def _finish_job(sweep_dir: str, job: str, barrier) -> None:
+    (Path(sweep_dir) / job).mkdir()
+    row = {"job": job, "overrides": f"seed={job}", "status": "completed", "test_accuracy": 0.5}
+    (Path(sweep_dir) / job / "summary_row.json").write_text(json.dumps(row))
+    barrier.wait()  # every job ends at the same moment
+    write_summary(Path(sweep_dir))
+
+
+def test_jobs_ending_at_once_all_reach_the_summary(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    jobs = [
+        ctx.Process(target=_finish_job, args=(str(tmp_path), str(i), barrier)) for i in range(4)
+    ]
+    for j in jobs:
+        j.start()
+    for j in jobs:
+        j.join(120)
+    assert [j.exitcode for j in jobs] == [0] * 4
+    assert sorted(r["job"] for r in summary_rows(tmp_path)) == ["0", "1", "2", "3"]
+
+
+def test_the_summary_is_rewritten_at_the_multirun_end(tmp_path):
+    from omegaconf import OmegaConf
+
+    (tmp_path / "0").mkdir()
+    row = {"job": "0", "overrides": "seed=0", "status": "completed", "test_accuracy": 0.5}
+    (tmp_path / "0" / "summary_row.json").write_text(json.dumps(row))
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert [r["job"] for r in summary_rows(tmp_path)] == ["0"]
