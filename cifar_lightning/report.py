@@ -324,6 +324,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir() and any(sweep_dir.glob("*/summary_row.json")):
             write_summary(sweep_dir)
+        (sweep_dir / ".summary.lock").unlink(missing_ok=True)  # every job has ended
 
 
 def job_error(job_return) -> BaseException:

@@ -114,7 +114,8 @@ def continue_run(cfg) -> tuple[str, dict] | tuple[None, None]:
     """(checkpoint path, its content) for cfg.resume, or for a requeued job its last.ckpt, or
     (None, None). A resumed run moves cfg.run_dir to the interrupted run's directory and logs to
     its train.log too."""
-    path, ckpt = resolve(cfg.resume or requeued_checkpoint(cfg.run_dir))
+    # a requeued job's own last.ckpt first: a resume= it was launched with is older than it
+    path, ckpt = resolve(requeued_checkpoint(cfg.run_dir) or cfg.resume)
     if path:
         cfg.run_dir = str(Path(path).resolve().parent.parent)
         log.info(f"continuing the run in {cfg.run_dir}")

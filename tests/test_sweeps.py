@@ -115,6 +115,23 @@ def test_a_study_whose_every_trial_failed_ends_in_one_error_line(tiny_layout, tm
     )
 
 
+@pytest.mark.parametrize(
+    "objective,direction", [("best_val_acc", "maximize"), ("best_val_loss", "minimize")]
+)
+def test_the_study_direction_follows_the_objective(objective, direction):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            ["hparams_search=optuna", f"sweep_objective={objective}"],
+            return_hydra_config=True,
+        )
+    assert cfg.hydra.sweeper.direction == direction and cfg.test is False
+
+
 LAUNCHERS = {
     "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
     "submitit_local": ["hydra/launcher=submitit_local"],
@@ -251,5 +268,7 @@ def test_the_summary_is_rewritten_at_the_multirun_end(tmp_path):
     (tmp_path / "0").mkdir()
     row = {"job": "0", "overrides": "seed=0", "status": "completed", "test_accuracy": 0.5}
     (tmp_path / "0" / "summary_row.json").write_text(json.dumps(row))
+    (tmp_path / ".summary.lock").touch()  # left by the jobs' writes
     SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     assert [r["job"] for r in summary_rows(tmp_path)] == ["0"]
+    assert not (tmp_path / ".summary.lock").exists()
