@@ -35,6 +35,11 @@ class History(L.Callback):
 
     def __init__(self, path: str | Path):
         self.path, self.rows, self._t0, self._lr = Path(path), [], 0.0, None
+        self._validated_epoch = None  # the last epoch whose validation ran
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
 
     def _current_lr(self, trainer) -> float:
         return float(trainer.optimizers[0].param_groups[0]["lr"])
@@ -62,9 +67,16 @@ class History(L.Callback):
                 "are never the best checkpoint."
             )
             trainer.should_stop = True
-        if "val/loss" not in m or any(r["epoch"] == trainer.current_epoch + 1 for r in self.rows):
+        if any(r["epoch"] == trainer.current_epoch + 1 for r in self.rows):
             return  # a resumed run replays the end of its last epoch: the row is already there
-        get = lambda k: float(m[k]) if k in m else math.nan  # noqa: E731
+        # under trainer.check_val_every_n_epoch an epoch without validation still holds the last
+        # validation's metrics: its row leaves them empty
+        validated = self._validated_epoch == trainer.current_epoch
+
+        def get(key: str) -> float:
+            fresh = validated or not key.startswith("val/")
+            return float(m[key]) if key in m and fresh else math.nan
+
         row = {
             "epoch": trainer.current_epoch + 1,
             "train_loss": get("train/loss"),

@@ -178,7 +178,10 @@ def plot_history(
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, what in zip(axes, ("acc", "loss")):
         ax.plot(epochs, [f(r, f"train_{what}") for r in rows], "o-", ms=3, label=f"train {what}")
-        ax.plot(epochs, [f(r, f"val_{what}") for r in rows], "o-", ms=3, label=f"val {what}")
+        # only the validated epochs, so that validating every N epochs still draws a line
+        validated = [(e, f(r, f"val_{what}")) for e, r in zip(epochs, rows)]
+        validated = [(e, v) for e, v in validated if math.isfinite(v)] or [(math.nan, math.nan)]
+        ax.plot(*zip(*validated), "o-", ms=3, label=f"val {what}")
         for ref_rows, color, style, cut_color in [(rows, None, None, "grey")] + (
             [(reference, "C3", "s--", "C3")] if reference else []
         ):

@@ -1,6 +1,9 @@
-"""The training callbacks (callbacks.py): History's rows on a resumed run, when
-InterruptCheckpoint saves, and gathering DDP ranks' test outputs back into file order."""
+"""The training callbacks (callbacks.py): History's rows on a resumed run and on epochs without
+validation, when InterruptCheckpoint saves, and gathering DDP ranks' test outputs back into file
+order."""
 
+import csv
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +12,7 @@ import torch
 from cifar_lightning.callbacks import History, InterruptCheckpoint, gather_test_outputs
 from cifar_lightning.data.sampler import DirectoryBatchSampler
 from cifar_lightning.errors import UserError
+from cifar_lightning.report import best_epoch
 
 
 def test_history_adds_no_second_row_for_an_epoch_it_has(tmp_path):
@@ -22,13 +26,38 @@ def test_history_adds_no_second_row_for_an_epoch_it_has(tmp_path):
         "val/acc": torch.tensor(0.6),
     }
     # epoch 2, 0-based
-    trainer = SimpleNamespace(callback_metrics=metrics, current_epoch=1, is_global_zero=True)
+    trainer = SimpleNamespace(
+        callback_metrics=metrics, current_epoch=1, is_global_zero=True, sanity_checking=False
+    )
     history.on_train_epoch_end(trainer, None)
     assert [r["epoch"] for r in history.rows] == [1, 2] and history.rows[1]["val_loss"] == 0.5
     trainer.current_epoch = 2
+    history.on_validation_epoch_end(trainer, None)
     history.on_train_epoch_end(trainer, None)
     assert [r["epoch"] for r in history.rows] == [1, 2, 3]
     assert history.rows[2]["val_loss"] == pytest.approx(0.3)
+
+
+def test_an_epoch_without_validation_leaves_its_val_columns_empty(tmp_path):
+    # trainer.check_val_every_n_epoch=2: epoch 2's callback_metrics still hold epoch 1's val/*
+    history = History(tmp_path / "history.csv")
+    metrics = {"train/loss": torch.tensor(0.9), "val/loss": torch.tensor(0.3)}
+    trainer = SimpleNamespace(
+        callback_metrics=metrics, current_epoch=0, is_global_zero=True, sanity_checking=True
+    )
+    history.on_validation_epoch_end(trainer, None)  # a sanity check is not the epoch's validation
+    history.on_train_epoch_end(trainer, None)
+    trainer.sanity_checking = False
+    for epoch, validated in ((1, True), (2, False), (3, True)):
+        trainer.current_epoch = epoch
+        if validated:
+            history.on_validation_epoch_end(trainer, None)
+        history.on_train_epoch_end(trainer, None)
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+    assert [float(r["train_loss"]) for r in rows] == pytest.approx([0.9] * 4)
+    assert [math.isnan(float(r["val_loss"])) for r in rows] == [True, False, True, False]
+    assert best_epoch(rows) == 2
 
 
 def test_interrupt_checkpoint_ignores_a_user_error_even_after_training(tmp_path):

@@ -339,3 +339,29 @@ def test_history_plot_draws_train_and_val_with_best_epoch_and_lr_cuts():
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def test_the_curves_join_the_validated_epochs_when_some_epochs_skip_validation():
+    # trainer.check_val_every_n_epoch=2: history.csv leaves epochs 1 and 3 without val metrics
+    nan = float("nan")
+    rows = [
+        {"epoch": e, "train_acc": 0.1 * e, "train_loss": 2.0 / e, "lr": 0.1}
+        | (
+            {"val_acc": 0.2 * e, "val_loss": 1.0 / e}
+            if e % 2 == 0
+            else {"val_acc": nan, "val_loss": nan}
+        )
+        for e in range(1, 5)
+    ]
+    fig = plot_history(rows, best=best_epoch(rows))
+    try:
+        for ax, what in zip(fig.axes, ("acc", "loss")):
+            val = next(ln for ln in ax.lines if ln.get_label() == f"val {what}")
+            assert list(val.get_xdata()) == [2, 4]
+            assert list(val.get_ydata()) == pytest.approx(
+                [rows[1][f"val_{what}"], rows[3][f"val_{what}"]]
+            )
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
