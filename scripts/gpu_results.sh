@@ -73,7 +73,7 @@ recipe() {  # recipe NAME OVERRIDES...: the README's "whole recipe" figure, wall
     echo "whole default recipe: $("$py" -c "print(f'{$(date +%s.%N) - $start:.1f}')") s wall" | tee -a "$out/$name.log"
 }
 if has graph; then
-  [[ $trainer == gpu ]] && step graph_tests "$out/graph_tests.log" "$py" -m pytest -q tests/test_cuda_graph.py
+  [[ $trainer == gpu ]] && step graph_tests "$out/graph_tests.log" "$py" -m pytest -n0 -q tests/test_cuda_graph.py
   step bench_graph "$out/bench_graph.log" "$py" -m cifar_lightning.bench trainer="$trainer" 'pipelines=[a,c]' \
     'cuda_graph_c=[false,true]' 'batch_sizes=[]' 'fractions=[]' "${extra[@]}" hydra.run.dir="$out/bench_graph"
   recipe recipe_graph model.cuda_graph=true
@@ -89,7 +89,7 @@ if has bench; then
     'compile_c=[false,true]' 'precision=[32-true]' 'batch_sizes=[]' 'fractions=[]' "${extra[@]}" \
     hydra.run.dir="$out/bench_compile"
   if [[ $trainer == gpu ]]; then
-    step gpu_tests "$out/gpu_tests.log" "$py" -m pytest -q tests/test_speed.py -k gpu  # the CUDA tests only
+    step gpu_tests "$out/gpu_tests.log" "$py" -m pytest -n0 -q tests/test_speed.py -k gpu  # the CUDA tests only
     step step_overhead "$out/step_overhead.log" "$py" scripts/step_overhead.py --size 32 --batch 64 --device cuda --sync-debug
   fi
 fi

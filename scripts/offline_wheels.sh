@@ -6,14 +6,14 @@
 #   python3 -m pip install --no-index --no-deps --target /tmp/site DIR/*.whl && export PYTHONPATH=/tmp/site
 #
 # It fetches the versions installed here (the ones the tests passed with): lightning, torchmetrics,
-# hydra-core, omegaconf, and antlr4-python3-runtime (Hydra's parser; published only as a source
-# archive, so it is built into a wheel here). Their own needs (PyYAML, packaging, tqdm, fsspec,
-# lightning-utilities, typing-extensions, matplotlib, tensorboard) are in most PyTorch images; add
-# any that is missing to NAMES below.
+# hydra-core, omegaconf, pytest-xdist and execnet (the tests' workers), and antlr4-python3-runtime
+# (Hydra's parser; published only as a source archive, so it is built into a wheel here). Their
+# own needs (PyYAML, packaging, tqdm, fsspec, lightning-utilities, typing-extensions, matplotlib,
+# tensorboard) are in most PyTorch images; add any that is missing to NAMES below.
 set -euo pipefail
 dir=${1:-.whl}
 py=${2:-3.12}
-names=(lightning torchmetrics hydra-core omegaconf)
+names=(lightning torchmetrics hydra-core omegaconf pytest-xdist execnet)
 pins=()
 for name in "${names[@]}"; do
   pins+=("$name==$(python -m pip show "$name" | sed -n 's/^Version: //p')")

@@ -279,6 +279,23 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+RERUN_SPELLINGS = [  # argparse takes abbreviations
+    ["--experimental-rerun", "config.pickle"],
+    ["--experimental-rerun=config.pickle"],
+    ["--exp", "config.pickle"],
+    ["--experimental-rer=config.pickle"],
+]
+
+
+@pytest.mark.parametrize("args", RERUN_SPELLINGS, ids=" ".join)
+def test_every_spelling_of_experimental_rerun_is_refused(args):
+    from cifar_lightning.cli import refuse_rerun
+
+    with pytest.raises(UserError, match="^--experimental-rerun is refused"):
+        refuse_rerun(["model=s", *args])
+    refuse_rerun(["model=s", "experiment=best"])  # without it: no error
+
+
 @pytest.mark.parametrize("module", ["cifar_lightning.train", "cifar_lightning.predict"])
 def test_hydra_experimental_rerun_is_refused_before_it_unpickles(tmp_path, monkeypatch, module):
     import pickle
@@ -286,18 +303,10 @@ def test_hydra_experimental_rerun_is_refused_before_it_unpickles(tmp_path, monke
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED_MARKER", str(marker))
     (tmp_path / "config.pickle").write_bytes(pickle.dumps(RunsCode()))
-    # argparse takes abbreviations
-    for args in (
-        ["--experimental-rerun", "config.pickle"],
-        ["--experimental-rerun=config.pickle"],
-        ["--exp", "config.pickle"],
-        ["--experimental-rer=config.pickle"],
-    ):
-        res = run_cli(module, *args, cwd=tmp_path)
-        assert res.returncode == 2 and "Traceback" not in res.stderr
-        assert (
-            res.stderr.strip().splitlines()[-1].startswith("error: --experimental-rerun is refused")
-        )
+    # the abbreviated spelling: cli.run asks Hydra's own parser (every spelling is tested above)
+    res = run_cli(module, *RERUN_SPELLINGS[2], cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --experimental-rerun is refused")
     assert not marker.exists()
 
 

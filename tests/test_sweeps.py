@@ -249,7 +249,8 @@ def _finish_job(sweep_dir: str, job: str, barrier) -> None:
 
 
 def test_jobs_ending_at_once_all_reach_the_summary(tmp_path):
-    ctx = multiprocessing.get_context("spawn")
+    # forked, not spawned: a spawned child would import torch and this module again, for seconds
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     barrier = ctx.Barrier(3)
     jobs = [
         ctx.Process(target=_finish_job, args=(str(tmp_path), str(i), barrier)) for i in range(3)
