@@ -142,6 +142,7 @@ RULES = {
         "must be -1 (no limit) or a whole number >= 1",
     ),
     "trainer.log_every_n_steps": whole(1),
+    "trainer.check_val_every_n_epoch": whole(1),
     "scheduler.patience": whole(0),
     "trainer.profiler": one_of("simple", "advanced", "pytorch"),
     "trainer.deterministic": (

@@ -133,6 +133,10 @@ def test_command_line_check_passes_allowed_targets_and_deletions():
         ("data.batch_size=abc", "data.batch_size=abc: must be a whole number >= 1"),
         ("data.batch_size=0", "data.batch_size=0: must be a whole number >= 1"),
         (
+            "trainer.check_val_every_n_epoch=0",
+            "trainer.check_val_every_n_epoch=0: must be a whole number >= 1",
+        ),
+        (
             "trainer.max_epochs=abc",
             "trainer.max_epochs=abc: must be -1 (no limit) or a whole number >= 1",
         ),
