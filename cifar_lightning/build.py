@@ -14,11 +14,10 @@ from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, Simpl
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_lightning import precision
-from cifar_lightning.callbacks import History, RandomState, RunSettings
+from cifar_lightning.callbacks import History, RandomState
 from cifar_lightning.data.datamodule import CifarDataModule
 from cifar_lightning.errors import UserError
 from cifar_lightning.loggers import build_loggers
-from cifar_lightning.model.graphed import CudaGraphSteps
 from cifar_lightning.model.module import Classifier
 from cifar_lightning.targets import instantiate
 
@@ -59,44 +58,51 @@ def model_config(cfg: DictConfig, num_classes: int) -> dict:
     return model
 
 
-def build_module(
-    cfg: DictConfig, class_names: list[str], run_precision: str | None = None
-) -> Classifier:
-    """The Classifier, recording the precision the Trainer will run at (`run_precision`, else
-    cfg.trainer.precision with auto resolved), so evaluate and predict run at it too."""
+def build_module(cfg: DictConfig, class_names: list[str], precision: str) -> Classifier:
+    """The Classifier, recording the precision the Trainer runs at (resolve_precision's), so
+    evaluate and predict run at it too."""
     return Classifier(
         model=model_config(cfg, len(class_names)),
         optim=plain(cfg.optim),
         scheduler=plain(cfg.scheduler),
         class_names=class_names,
+        loss=plain(cfg.loss),
+        augment=plain(cfg.augment),
+        tta=plain(cfg.tta),
+        whiten=plain(cfg.whiten),
+        speed=plain(cfg.speed),
         monitor=cfg.monitor,
         image_size=cfg.data.image_size,
-        precision=str(run_precision or resolve_precision(cfg)),
+        precision=precision,
     )
 
 
 def build_logger_and_callbacks(cfg: DictConfig) -> tuple:
     """The configured loggers (a list, maybe empty) and callbacks (the LR monitor only with a
-    logger), then ours: history.csv, the RNG state and model.cuda_graph's step. All write into
-    cfg.run_dir."""
+    logger), then ours: history.csv and the RNG state. All write into cfg.run_dir."""
     loggers = build_loggers(cfg)
     configured = [
         instantiate(c, f"callbacks.{k}")
         for k, c in cfg.callbacks.items()
         if c is not None and (loggers or k != "lr_monitor")
     ]
-    ours = [History(Path(cfg.run_dir) / "history.csv"), RandomState(), RunSettings()]
-    if cfg.model.get("cuda_graph"):
-        ours.append(CudaGraphSteps())
+    ours = [History(Path(cfg.run_dir) / "history.csv"), RandomState()]
     return loggers, configured + ours
 
 
-def build_trainer(cfg: DictConfig, *callbacks: L.Callback, **overrides) -> L.Trainer:
-    """cfg.trainer with build_logger_and_callbacks' logger and callbacks, then `callbacks`;
-    `overrides` replace Trainer arguments (the benchmark's max_epochs and precision)."""
-    resolve_precision(cfg)
+def build_trainer(
+    cfg: DictConfig, *callbacks: L.Callback, precision: str, **overrides
+) -> L.Trainer:
+    """cfg.trainer at `precision` (resolve_precision's), with build_logger_and_callbacks' logger
+    and callbacks, then `callbacks`; `overrides` replace Trainer arguments (the benchmark's
+    max_epochs, the learning-rate finder's max_steps)."""
     loggers, configured = build_logger_and_callbacks(cfg)
-    kwargs = {"logger": loggers or False, "profiler": build_profiler(cfg), **overrides}
+    kwargs = {
+        "logger": loggers or False,
+        "profiler": build_profiler(cfg),
+        "precision": precision,
+        **overrides,
+    }
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
         # submitit requeues a signalled job itself, and the job continues from last.ckpt
         # (resume.requeued_checkpoint). Lightning's SLURM auto-requeue listens on another signal
@@ -106,9 +112,9 @@ def build_trainer(cfg: DictConfig, *callbacks: L.Callback, **overrides) -> L.Tra
 
 
 def resolve_precision(cfg: DictConfig, resumed: str | None = None) -> str:
-    """cfg.trainer.precision=auto, replaced by what it resolves to (precision.resolve) and logged
-    with the reason, so metrics.json and the hparams show the precision that ran. A resumed run
-    keeps its checkpoint's precision."""
+    """The precision the run trains at: cfg.trainer.precision, with auto resolved for this
+    machine (precision.resolve) and logged with the reason; a resumed run keeps its checkpoint's.
+    Called once, before anything is built; the config is left as it was."""
     setting = str(cfg.trainer.precision)
     if setting != precision.AUTO:
         return setting
@@ -117,7 +123,6 @@ def resolve_precision(cfg: DictConfig, resumed: str | None = None) -> str:
     else:
         chosen, why = precision.resolve(setting, str(cfg.trainer.get("accelerator", "auto")))
     log.info(f"trainer.precision=auto -> {chosen}: {why}")
-    cfg.trainer.precision = chosen
     return chosen
 
 

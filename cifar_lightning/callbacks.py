@@ -16,14 +16,9 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from cifar_lightning.errors import UserError
 from cifar_lightning.loggers import log_figure, log_hparams
 from cifar_lightning.model.net import count_params
-from cifar_lightning.report import (
-    best_epoch,
-    plot_history,
-    save_figure,
-    write_csv,
-    write_evaluation,
-    write_json,
-)
+from cifar_lightning.report.figures import plot_history
+from cifar_lightning.report.files import save_figure, write_csv, write_json
+from cifar_lightning.report.metrics import best_epoch, write_evaluation
 
 log = logging.getLogger(__name__)
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"]
@@ -114,20 +109,6 @@ class RandomState(L.Callback):
         torch.set_rng_state(state["cpu"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class RunSettings(L.Callback):
-    """Keeps the precision the run trains at in every checkpoint, so that a resumed run with
-    trainer.precision=auto continues at it, whatever auto would choose on the new machine."""
-
-    def __init__(self):
-        self.precision: str | None = None
-
-    def setup(self, trainer, pl_module, stage):
-        self.precision = str(trainer.precision)
-
-    def state_dict(self):
-        return {"precision": self.precision}
 
 
 class InterruptCheckpoint(L.Callback):

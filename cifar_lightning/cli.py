@@ -13,6 +13,7 @@ from typing import Callable
 
 from cifar_lightning.errors import UserError, one_line, to_log_files, user_facing_cause
 from cifar_lightning.private_api import hydra_args_parser
+from cifar_lightning.schema import refuse_loose_boolean, refuse_moved_key
 from cifar_lightning.search import every_trial_failed
 from cifar_lightning.targets import check_override_targets
 
@@ -31,6 +32,7 @@ def run(hydra_main: Callable[[], object], after_sigterm: str = "") -> None:
     try:
         refuse_rerun(sys.argv[1:])
         check_override_targets(sys.argv[1:])
+        check_override_keys(sys.argv[1:])
         hydra_main()
     except SystemExit as exc:
         # Lightning turns SIGTERM into SIGTERMException, a SystemExit whose code is None (status
@@ -60,6 +62,28 @@ def refuse_rerun(argv: list[str]) -> None:
             "--experimental-rerun is refused: it unpickles its file, which could run code; "
             "rerun with the overrides in RUN/.hydra/overrides.yaml instead"
         )
+
+
+def check_override_keys(argv: list[str]) -> None:
+    """The command line's overrides against what the schema can't say itself: a key that moved
+    gets its new spelling, and a bool key takes only true or false, in each job of a sweep too."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, RangeSweep
+
+    args, _ = hydra_args_parser().parse_known_args(argv)
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception:  # noqa: BLE001 - Hydra's own parse error is clearer than ours
+        return
+    for o in overrides:
+        refuse_moved_key(o.key_or_group)
+        if o.is_delete():
+            continue
+        if not o.is_sweep_override():
+            refuse_loose_boolean(o.key_or_group, o.value())
+        elif isinstance(o.value(), (ChoiceSweep, RangeSweep)):  # a value per job
+            for value in o.sweep_iterator():
+                refuse_loose_boolean(o.key_or_group, value)
 
 
 def _multirun() -> bool:

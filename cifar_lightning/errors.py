@@ -30,8 +30,30 @@ def _is_user_facing(exc: BaseException) -> bool:
 
 
 def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    text = " ".join(str(describe_config_error(exc) or exc).split())
     return f"error: {text}" if text else f"error: {type(exc).__name__}"
+
+
+def describe_config_error(exc: BaseException) -> str | None:
+    """A schema's refusal as `key: what is wrong`, led by the config file that held it: OmegaConf
+    names the key (full_key), and Hydra wraps it in a composition error that names the file or
+    the override. None for any other error."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    where = ""
+    # Hydra raises an override's error `from` OmegaConf's, but a config file's inside the
+    # `except` that caught it, without `from`: the OmegaConf error is then only the context
+    inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    if isinstance(exc, HydraException) and isinstance(inner, OmegaConfBaseException):
+        first = str(exc).split(":")[0]
+        where = f"in {first[3:]}: " if first.startswith("In '") else ""
+        exc = inner
+    if not isinstance(exc, OmegaConfBaseException):
+        return None
+    message = str(getattr(exc, "msg", None) or exc).splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    return f"{where}{key}: {message}" if key else f"{where}{message}"
 
 
 def user_facing_cause(exc: BaseException) -> BaseException | None:

@@ -17,12 +17,12 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from cifar_lightning import cli
-from cifar_lightning.config import INFERENCE_RULES, check_values
 from cifar_lightning.data.folder import KerasImageFolder
 from cifar_lightning.errors import UserError
 from cifar_lightning.inference import describe_precision, pick_device, predict_logits
 from cifar_lightning.model.checkpoint import image_rule, load_net
-from cifar_lightning.report import write_evaluation
+from cifar_lightning.report.metrics import write_evaluation
+from cifar_lightning.schema import check_config
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def match_classes(folder: list[str], ckpt: list[str]) -> tuple[list[int], str]:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    check_values(cfg, INFERENCE_RULES)
+    check_config(cfg)
     device = pick_device(cfg.device)
     net, class_names, hp = load_net(cfg.ckpt_path)
     size, resize = image_rule(hp, cfg.resize)
@@ -77,7 +77,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="pkg://cifar_lightning.conf", config_name="evaluate")
 def _main(cfg: DictConfig) -> float:
     return evaluate(cfg)["test_accuracy"]
 

@@ -23,7 +23,6 @@ import torch
 from omegaconf import DictConfig
 
 from cifar_lightning import cli
-from cifar_lightning.config import check_values, one_of, whole
 from cifar_lightning.errors import UserError
 from cifar_lightning.exported import (
     FORMATS,
@@ -37,14 +36,14 @@ from cifar_lightning.exported import (
     to_onnx_props,
 )
 from cifar_lightning.model.checkpoint import image_rule, load_net
-from cifar_lightning.report import write_json
+from cifar_lightning.report.files import write_json
+from cifar_lightning.schema import check_config
 
 log = logging.getLogger(__name__)
 
 TOLERANCE = 1e-5  # largest |p_export - p_eager| accepted
 PARITY_BATCHES = (1, 7)
 MIN_OPSET = 18  # the lowest the torch.onnx exporter writes
-EXPORT_RULES = {"format": one_of(*FORMATS), "opset": whole(MIN_OPSET)}
 
 
 def output_path(cfg: DictConfig) -> Path:
@@ -120,7 +119,7 @@ def export_torch(module: Probabilities, image_size: int, meta: dict, path: Path)
 
 
 def export(cfg: DictConfig) -> dict:
-    check_values(cfg, EXPORT_RULES)
+    check_config(cfg)
     fmt = cfg.format
     out = output_path(cfg)
     if fmt == "onnx":
@@ -192,7 +191,7 @@ def export(cfg: DictConfig) -> dict:
     return record
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="pkg://cifar_lightning.conf", config_name="export")
 def _main(cfg: DictConfig) -> None:
     export(cfg)
 

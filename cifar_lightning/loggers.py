@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import (
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_lightning.errors import UserError
+from cifar_lightning.stores import check_sqlite
 from cifar_lightning.targets import instantiate
 
 log = logging.getLogger(__name__)
@@ -28,16 +29,16 @@ EXTRAS = {"MLFlowLogger": "mlflow", "WandbLogger": "wandb"}
 # the argument that names a run, for loggers whose run name is otherwise random or fixed
 RUN_NAME_ARGS = {"MLFlowLogger": "run_name", "WandbLogger": "name"}
 # what the recipe is made of; the rest of the config is plumbing (paths, callbacks, progress bar)
-RECIPE_GROUPS = ("optim", "scheduler", "model", "fidelity")
+RECIPE_GROUPS = ("optim", "scheduler", "model", "loss", "augment", "tta", "whiten", "fidelity")
 
 
-def recipe_hparams(cfg: DictConfig) -> dict:
+def recipe_hparams(cfg: DictConfig, precision: str) -> dict:
     """The knobs that tell runs apart, flat (`optim/lr`, `model/dropout`), for every logger's
-    hyperparameter table: seed, precision, epochs, batch size and the recipe groups. A group's
-    `_target_` shows as its class or function name (`optim/name: SGD`)."""
+    hyperparameter table: seed, the precision the run trains at, epochs, batch size and the
+    recipe groups. A group's `_target_` shows as its class or function name (`optim/name: SGD`)."""
     out = {
         "seed": cfg.seed,
-        "precision": str(cfg.trainer.precision),
+        "precision": precision,
         "max_epochs": cfg.trainer.max_epochs,
         "batch_size": cfg.data.batch_size,
         "monitor": cfg.monitor,
@@ -120,7 +121,8 @@ def mlflow_locations(node: DictConfig) -> dict:
 def prepare_mlflow(node: DictConfig) -> None:
     """Create the SQLite tracking store and the experiment under a file lock: jobs of a parallel
     sweep that create a fresh store at once otherwise fail (`table experiments already exists`),
-    and two that both find no experiment both try to create it."""
+    and two that both find no experiment both try to create it. A store that is not a database is
+    one UserError naming it (stores.check_sqlite)."""
     uri = str(node.get("tracking_uri") or "")
     if not uri.startswith("sqlite:///"):
         return
@@ -131,6 +133,13 @@ def prepare_mlflow(node: DictConfig) -> None:
     db = Path(uri[len("sqlite:///") :])
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db) + ".lock"):
+        check_sqlite(
+            db,
+            "MLflow can't record this run in it",
+            "move the file aside (or delete it) to start a new store, without the runs it lists "
+            "(their run directories keep their files), or log to another store: "
+            "logger.mlflow.tracking_uri=sqlite:///NEW_PATH",
+        )
         client = MlflowClient(tracking_uri=uri)
         name = str(node.get("experiment_name") or "lightning_logs")
         if client.get_experiment_by_name(name) is None:

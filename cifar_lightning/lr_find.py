@@ -5,12 +5,11 @@
 
 (`python -m cifar_lightning.lr_find` is the same.) The datamodule, module and Trainer are built
 as train builds them (cifar_lightning.build). From min_lr the learning rate grows every optimizer
-step up to max_lr (Lightning's Tuner swaps in its own schedule, which the Classifier's
-training_step steps once per step, as it steps every per-step schedule), and the loss of each step
-is recorded, smoothed as Lightning does (a running mean, beta 0.98). Written to the run directory
-(outputs/lr_find/<date>/<time>/): lr_find.png (loss against learning rate, the suggestion in red),
-lr_find.csv (lr, loss) and lr_find.json (the suggestion: the steepest descent of the loss). The
-weights and the optimizer end as they started; nothing is trained for real."""
+step up to max_lr (Lightning's Tuner swaps in its own schedule and steps it), and the loss of
+each step is recorded, smoothed as Lightning does (a running mean, beta 0.98). Written to the run
+directory (outputs/lr_find/<date>/<time>/): lr_find.png (loss against learning rate, the
+suggestion in red), lr_find.csv (lr, loss) and lr_find.json (the suggestion: the steepest descent
+of the loss). The weights and the optimizer end as they started; nothing is trained for real."""
 
 from __future__ import annotations
 
@@ -32,28 +31,19 @@ from cifar_lightning.build import (
     refuse_run_dir_inside_data,
     resolve_precision,
 )
-from cifar_lightning.config import check_config, check_values, number, one_of, whole
 from cifar_lightning.errors import UserError
-from cifar_lightning.report import save_figure, write_csv, write_json
+from cifar_lightning.report.files import save_figure, write_csv, write_json
+from cifar_lightning.schema import check_config
 
 log = logging.getLogger(__name__)
 
-LR_FIND_RULES = {
-    "min_lr": number(0, above=True),
-    "max_lr": number(0, above=True),
-    "num_training": whole(2),
-    "mode": one_of("exponential", "linear"),
-    "early_stop_threshold": number(1, above=True),
-}
 # Lightning's LRFinder.suggestion() skips the first 10 and the last recorded loss
 SUGGESTION_NEEDS = 13
 
 
 def check_lr_find(cfg: DictConfig) -> None:
-    """The finder's own keys, then what they must agree with, one `error:` line each."""
-    check_values(cfg, LR_FIND_RULES)
-    if cfg.max_lr <= cfg.min_lr:
-        raise UserError(f"max_lr={cfg.max_lr}: must be above min_lr={cfg.min_lr}")
+    """What Lightning's finder can't run under, as one `error:` line (schema.LRFindConfig checks
+    the finder's own keys)."""
     if cfg.trainer.get("fast_dev_run"):
         raise UserError(
             f"trainer.fast_dev_run={cfg.trainer.fast_dev_run}: Lightning skips the learning-rate "
@@ -65,7 +55,7 @@ def lr_find(cfg: DictConfig) -> dict:
     """Run the range test; write lr_find.png, .csv and .json; return lr_find.json's content."""
     check_config(cfg)
     check_lr_find(cfg)
-    resolve_precision(cfg)
+    precision = resolve_precision(cfg)
     run_dir = Path(cfg.run_dir)
     refuse_run_dir_inside_data(run_dir, Path(cfg.data.root))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -74,11 +64,13 @@ def lr_find(cfg: DictConfig) -> dict:
 
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
-    model = build_module(cfg, datamodule.class_names())
+    model = build_module(cfg, datamodule.class_names(), precision)
     # No logger (nothing to log: Lightning's finder mutes it anyway). max_steps: the finder counts
     # steps, not epochs, and a schedule planned for the whole fit (one-cycle) needs a finite one;
     # the finder replaces that schedule with its own.
-    trainer = build_trainer(cfg, logger=False, max_epochs=-1, max_steps=cfg.num_training)
+    trainer = build_trainer(
+        cfg, precision=precision, logger=False, max_epochs=-1, max_steps=cfg.num_training
+    )
     finder = Tuner(trainer).lr_find(
         model,
         datamodule=datamodule,
@@ -129,7 +121,7 @@ def lr_find(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="lr_find")
+@hydra.main(version_base="1.3", config_path="pkg://cifar_lightning.conf", config_name="lr_find")
 def _main(cfg: DictConfig) -> None:
     lr_find(cfg)
 

@@ -53,7 +53,8 @@ def _mean_std(xs: list[float]) -> str:
 
 
 def compare(run_dirs: list[Path], out: Path) -> str:
-    from cifar_lightning.report import plot_history, read_csv, save_figure
+    from cifar_lightning.report.figures import plot_history
+    from cifar_lightning.report.files import read_csv, save_figure
 
     runs = [
         (d, read_csv(d / "history.csv"), json.loads((d / "metrics.json").read_text()))

@@ -23,13 +23,14 @@ import torch
 from omegaconf import DictConfig
 
 from cifar_lightning import cli
-from cifar_lightning.config import INFERENCE_RULES, check_values
 from cifar_lightning.data.folder import EXTENSIONS, decode
 from cifar_lightning.errors import UserError
 from cifar_lightning.exported import OnnxClassifier, require_onnx
 from cifar_lightning.inference import pick_device, predict_logits
 from cifar_lightning.model.checkpoint import image_rule, load_net
-from cifar_lightning.report import short_name, write_csv
+from cifar_lightning.report.figures import short_name
+from cifar_lightning.report.files import write_csv
+from cifar_lightning.schema import check_config
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def load_classifier(cfg: DictConfig) -> tuple[Callable, list[str], int, str]:
 
 def probabilities(cfg: DictConfig) -> tuple[list[str], torch.Tensor, list[str]]:
     """(paths of the readable images, their probabilities N x classes, class names)."""
-    check_values(cfg, INFERENCE_RULES)
+    check_config(cfg)
     run, class_names, size, resize = load_classifier(cfg)
     paths, images = [], []
     for f in find_inputs(str(cfg.inputs)):
@@ -119,7 +120,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     return rows
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path="pkg://cifar_lightning.conf", config_name="predict")
 def _main(cfg: DictConfig) -> None:
     predict(cfg)
 

@@ -16,14 +16,14 @@ from omegaconf import DictConfig
 
 from cifar_lightning import cli
 from cifar_lightning.build import build_datamodule
-from cifar_lightning.config import check_values
+from cifar_lightning.schema import check_config
 
 log = logging.getLogger(__name__)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://cifar_lightning.conf", config_name="config")
 def _main(cfg: DictConfig) -> None:
-    check_values(cfg)
+    check_config(cfg)
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()  # the layout
     # classes across splits, every image decoded once: into the caches, or checked

@@ -14,13 +14,6 @@ def hydra_args_parser() -> argparse.ArgumentParser:
     return get_args_parser()
 
 
-def count_optimizer_step(optimizer) -> None:
-    """Count one optimizer step that ran outside LightningOptimizer.step (a CUDA graph replay),
-    as Lightning's step would: global_step and the hooks that follow it."""
-    optimizer._on_before_step()
-    optimizer._on_after_step()
-
-
 def cpu_has_native_bf16() -> bool:
     """Whether the CPU multiplies bf16 in hardware (AVX512-BF16, or AMX tiles), by torch.cpu's
     own probes. Not oneDNN's `_is_mkldnn_bf16_supported`: it says yes on any AVX-512 CPU, where

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from cifar_lightning.errors import UserError
-from cifar_lightning.model.checkpoint import load_checkpoint
+from cifar_lightning.model.checkpoint import hparams_of, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,8 @@ def resolve(resume: str | None) -> tuple[str, dict] | tuple[None, None]:
 
 
 def precision_of(ckpt: dict | None) -> str | None:
-    """The precision the checkpoint's run trained at (callbacks.RunSettings), or None."""
-    settings = ((ckpt or {}).get("callbacks") or {}).get("RunSettings") or {}
-    return settings.get("precision")
+    """The precision the checkpoint's run trained at, or None."""
+    return hparams_of(ckpt)["precision"] if ckpt else None
 
 
 def check_matches(

@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from cifar_lightning.errors import UserError
 from cifar_lightning.private_api import hydra_args_parser
@@ -34,14 +34,14 @@ ALLOWED_TARGET_MODULES = (
 )
 
 
-# ...and of the project's own code, only what configs build: its helpers (report.write_csv, say)
+# ...and of the project's own code, only what configs build: its helpers (report.files.write_csv)
 # would write any text to any path. A new optimizer, scheduler or callback of ours is added here.
 PROJECT_TARGETS = (
     "cifar_lightning.model.optim.RMSprop",
     "cifar_lightning.model.schedule.reduce_on_plateau",
     "cifar_lightning.model.schedule.one_cycle",
     "cifar_lightning.callbacks.InterruptCheckpoint",
-    "cifar_lightning.report.SweepSummary",
+    "cifar_lightning.report.sweep.SweepSummary",
     "cifar_lightning.search.StorageFolder",
 )
 
@@ -81,11 +81,11 @@ def _is_allowed(target: str) -> bool:
 
 def check_targets(node: Any, key: str = "") -> None:
     """Raise UserError naming the key of any `_target_` that is not allowed (see _is_allowed)."""
-    if isinstance(node, DictConfig):
-        items = node.items_ex(resolve=False)
-    elif isinstance(node, dict):
+    if OmegaConf.is_config(node):  # unresolved: an interpolated `_target_` is checked as typed
+        node = OmegaConf.to_container(node, resolve=False)
+    if isinstance(node, dict):
         items = node.items()
-    elif isinstance(node, (list, tuple)) or OmegaConf.is_list(node):
+    elif isinstance(node, (list, tuple)):
         items = ((str(i), v) for i, v in enumerate(node))
     else:
         return

@@ -31,10 +31,10 @@ from cifar_lightning.build import (
     resolve_precision,
 )
 from cifar_lightning.callbacks import RunReport
-from cifar_lightning.config import check_config
 from cifar_lightning.loggers import recipe_hparams
 from cifar_lightning.model.checkpoint import load_weights
 from cifar_lightning.model.net import summary
+from cifar_lightning.schema import check_config
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def train(cfg: DictConfig) -> dict:
     """Fit, test the best checkpoint, write the artefacts; return metrics.json's content."""
     check_config(cfg)
     ckpt_path, ckpt = resuming.continue_run(cfg)
-    resolve_precision(cfg, resumed=resuming.precision_of(ckpt))
+    precision = resolve_precision(cfg, resumed=resuming.precision_of(ckpt))
     run_dir = Path(cfg.run_dir)
     refuse_run_dir_inside_data(run_dir, Path(cfg.data.root))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def train(cfg: DictConfig) -> dict:
 
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
-    model = build_module(cfg, datamodule.class_names())
+    model = build_module(cfg, datamodule.class_names(), precision)
     if ckpt_path:
         resuming.check_matches(
             ckpt_path,
@@ -62,8 +62,9 @@ def train(cfg: DictConfig) -> dict:
             model.hparams.optim,
         )
     log.info(summary(model.net))
-    report = RunReport(run_dir, cfg.monitor, cfg.monitor_mode, recipe_hparams(cfg), cfg.test)
-    trainer = build_trainer(cfg, report)
+    hparams = recipe_hparams(cfg, precision)
+    report = RunReport(run_dir, cfg.monitor, cfg.monitor_mode, hparams, cfg.test)
+    trainer = build_trainer(cfg, report, precision=precision)
     # Ctrl-C and SIGTERM leave fit() by SystemExit (cli.run)
     report.start_clock()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -80,7 +81,7 @@ def train(cfg: DictConfig) -> dict:
     return report.metrics
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://cifar_lightning.conf", config_name="config")
 def _main(cfg: DictConfig) -> float:
     return train(cfg)[cfg.sweep_objective]  # what a sweeper (hparams_search=optuna) maximises
 

@@ -7,17 +7,19 @@
 # ARCHIVE  what data.source accepts (the JPEG archive, cifar-10-python.tar.gz, or `download`)
 # OUT      where logs, bench.json and the sweep directories go (default outputs/gpu_results)
 # PARTS    comma-separated; they run in this order, most wanted first (default all):
-#            graph   model.cuda_graph=true: its CUDA tests, (a) against eager and graphed (c) at fp32 and bf16,
-#                    the whole default recipe with graphed steps, timed as `recipe` is, and one graphed epoch
-#                    under Lightning's profiler (profile_graph/fit-profile.txt)
+#            graph   CUDA graphs through torch.compile (speed.compile=true speed.compile_mode=reduce-overhead):
+#                    (a) against eager and compiled (c) at fp32 and bf16, the whole default recipe compiled so,
+#                    timed as `recipe` is, and one such epoch under Lightning's profiler
+#                    (profile_graph/fit-profile.txt)
 #            recipe  the whole default recipe, process start to exit, caches warm (prepare builds them)
 #            bench   the (a)/(b)/(c) benchmark with fp32 and bf16 (c); then eager against torch.compile'd (c)
 #                    at fp32 (does compiling pay off?); then, on a GPU, the CUDA tests and
-#                    scripts/step_overhead.py (per-step cost, where the host waits for the GPU)
+#                    benchmarks/step_overhead.py (per-step cost, where the host waits for the GPU)
 #            seeds   3-seed multiruns of the reproduction and experiment=next
 #            accuracy  3-seed multiruns of experiment=fast as planned and planned one epoch shorter (its N
 #                    and N-1), then of experiment=best (RESULTS.md's accuracy rows)
 # A part that fails is logged and the next one still runs; the exit status says whether any failed.
+# Run it from a clone: it installs the clone (editable, no dependencies, no network) unless it is installed.
 # TRAINER=cpu and EXTRA="data.root=... trainer.max_epochs=1" let a CPU machine try the script small.
 # For a time-limited job (a batch slot that may end midway), three settings:
 #   PYTHON=python3     the interpreter (default python3: on GPU images the one that holds torch)
@@ -34,7 +36,6 @@ py=${PYTHON:-python3}
 read -r -a extra <<<"${EXTRA:-}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # scripts/*.py import the package without an install
 has() { [[ ",$parts," == *",$1,"* ]]; }
 failed=()
 step() {  # step NAME LOG COMMAND...: run (killed after STEP_LIMIT_S), tee the log, remember a failure, go on
@@ -61,6 +62,11 @@ if [[ -n ${SNAPSHOT:-} ]]; then
 fi
 
 step device "$out/device.txt" "$py" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
+# Every command reads its configs as pkg://cifar_lightning.conf, and conf/ becomes that package only once the clone
+# is installed (pyproject.toml's package-dir; a PYTHONPATH of the clone has no cifar_lightning.conf). Installed
+# editable, without dependencies (the machine has them) or the network, unless this clone's is importable already.
+"$py" -c "import os, sys, cifar_lightning.conf as c; sys.exit(not os.path.realpath(c.__file__).startswith(os.path.realpath('.') + os.sep))" 2>/dev/null ||
+  step install "$out/install.log" "$py" -m pip install --no-deps --no-build-isolation --no-index -e .
 step prepare "$out/prepare.log" "$py" -m cifar_lightning.prepare data.source="$archive" "${extra[@]}" hydra.run.dir="$out/prepare"
 [[ ${#failed[@]} -eq 0 ]] || exit 1  # no data, or no torch: nothing below can run
 
@@ -73,24 +79,25 @@ recipe() {  # recipe NAME OVERRIDES...: the README's "whole recipe" figure, wall
     echo "whole default recipe: $("$py" -c "print(f'{$(date +%s.%N) - $start:.1f}')") s wall" | tee -a "$out/$name.log"
 }
 if has graph; then
-  [[ $trainer == gpu ]] && step graph_tests "$out/graph_tests.log" "$py" -m pytest -n0 -q tests/test_cuda_graph.py
-  step bench_graph "$out/bench_graph.log" "$py" -m cifar_lightning.bench trainer="$trainer" 'pipelines=[a,c]' \
-    'cuda_graph_c=[false,true]' 'batch_sizes=[]' 'fractions=[]' "${extra[@]}" hydra.run.dir="$out/bench_graph"
-  recipe recipe_graph model.cuda_graph=true
+  graphed=(speed.compile=true speed.compile_mode=reduce-overhead)
+  step bench_graph "$out/bench_graph.log" "$py" benchmarks/bench.py trainer="$trainer" 'pipelines=[a,c]' \
+    'compile_c=[false,true]' speed.compile_mode=reduce-overhead 'batch_sizes=[]' 'fractions=[]' "${extra[@]}" \
+    hydra.run.dir="$out/bench_graph"
+  recipe recipe_graph "${graphed[@]}"
   # Lightning's profiler on one graphed epoch: what the loop and callbacks cost around each replay
-  step profile_graph "$out/profile_graph.log" "$py" -m cifar_lightning.train trainer="$trainer" model.cuda_graph=true \
+  step profile_graph "$out/profile_graph.log" "$py" -m cifar_lightning.train trainer="$trainer" "${graphed[@]}" \
     trainer.max_epochs=1 test=false trainer.profiler=simple "${extra[@]}" hydra.run.dir="$out/profile_graph"
 fi
 has recipe && recipe recipe
 if has bench; then
   # Eager first, so the (a)/(b)/(c) table exists even if the compiled run is what overruns STEP_LIMIT_S.
-  step bench "$out/bench.log" "$py" -m cifar_lightning.bench trainer="$trainer" "${extra[@]}" hydra.run.dir="$out/bench"
-  step bench_compile "$out/bench_compile.log" "$py" -m cifar_lightning.bench trainer="$trainer" 'pipelines=[c]' \
+  step bench "$out/bench.log" "$py" benchmarks/bench.py trainer="$trainer" "${extra[@]}" hydra.run.dir="$out/bench"
+  step bench_compile "$out/bench_compile.log" "$py" benchmarks/bench.py trainer="$trainer" 'pipelines=[c]' \
     'compile_c=[false,true]' 'precision=[32-true]' 'batch_sizes=[]' 'fractions=[]' "${extra[@]}" \
     hydra.run.dir="$out/bench_compile"
   if [[ $trainer == gpu ]]; then
     step gpu_tests "$out/gpu_tests.log" "$py" -m pytest -n0 -q tests/test_speed.py -k gpu  # the CUDA tests only
-    step step_overhead "$out/step_overhead.log" "$py" scripts/step_overhead.py --size 32 --batch 64 --device cuda --sync-debug
+    step step_overhead "$out/step_overhead.log" "$py" benchmarks/step_overhead.py --size 32 --batch 64 --device cuda --sync-debug
   fi
 fi
 if has seeds; then  # one sweep per RESULTS.md row; each sweep directory holds summary.md and seeds.csv
@@ -101,7 +108,7 @@ if has seeds; then  # one sweep per RESULTS.md row; each sweep directory holds s
   done
 fi
 if has accuracy; then  # each sweep directory holds summary.md and seeds.csv
-  fast_epochs=$("$py" -c "from cifar_lightning.config import compose
+  fast_epochs=$("$py" -c "from cifar_lightning.schema import compose
 print(compose(['experiment=fast']).trainer.max_epochs)")
   for run in fast "fast_short trainer.max_epochs=$((fast_epochs - 1))" best; do
     read -r name more <<<"$run"

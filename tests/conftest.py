@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
-from cifar_lightning.config import compose
+from cifar_lightning.schema import compose
 
 CLASSES = [
     f"{i:03d}_{n}"
@@ -61,19 +60,14 @@ def cfg_for(run_dir: Path, data_root: Path, *overrides: str):
     )
 
 
-def make_classifier(tmp_path, **model):
-    """A Classifier of the default config, seeded; `model` overrides its model options."""
-    from cifar_lightning.model.module import Classifier  # here: lightning is slow to import
+def make_classifier(tmp_path, *overrides: str, precision: str = "32-true"):
+    """A Classifier of the default config with `overrides` (`tta.flip=true`, ...), built as
+    train builds it, seeded."""
+    from cifar_lightning.build import build_module  # here: lightning is slow to import
 
-    cfg = cfg_for(tmp_path, tmp_path)
+    cfg = cfg_for(tmp_path, tmp_path, *overrides)
     torch.manual_seed(0)
-    module = Classifier(
-        model={**OmegaConf.to_container(cfg.model, resolve=True), **model},
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        scheduler=None,
-        class_names=CLASSES,
-    )
-    return module
+    return build_module(cfg, CLASSES, precision)
 
 
 def image_batch(n=6):

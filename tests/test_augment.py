@@ -1,5 +1,6 @@
 """Augment (model/augment.py), Keras's random flip, translation, rotation and zoom applied to
-a whole batch: what each does, the ranges it reaches, and its sampling under bf16 autocast."""
+a whole batch: what each does, the ranges it reaches, its sampling under bf16 autocast, and the
+augment config group that switches it on."""
 
 import math
 
@@ -111,3 +112,18 @@ def test_augment_applies_crop_and_cutout_when_asked():
     assert torch.equal(Augment(flip=False)(x), x)
     assert (Augment(flip=False, cutout=3)(x) == 0).any()
     assert not torch.equal(Augment(flip=False, crop_pad=1)(x), x)
+
+
+def test_the_augment_group_reaches_the_module(tmp_path):
+    # augment=none (the notebook's): no augmentation at all; augment=keras: the preprocessing
+    # layers of the notebook's next step; single keys switch single augmentations on
+    from cifar_lightning.model.augment import Augment
+    from tests.conftest import make_classifier
+
+    assert make_classifier(tmp_path).augment is None
+    keras = make_classifier(tmp_path, "augment=keras").augment
+    assert isinstance(keras, Augment)
+    assert (keras.flip, keras.rotation_deg, keras.zoom, keras.translate) == (True, 10, 0.1, 0.1)
+    assert (keras.crop_pad, keras.cutout) == (0, 0)
+    crop = make_classifier(tmp_path, "augment.crop_pad=4").augment
+    assert (crop.flip, crop.crop_pad, crop.rotation_deg) == (False, 4, 0)

@@ -12,7 +12,7 @@ import torch
 from cifar_lightning.callbacks import History, InterruptCheckpoint, gather_test_outputs
 from cifar_lightning.data.sampler import DirectoryBatchSampler
 from cifar_lightning.errors import UserError
-from cifar_lightning.report import best_epoch
+from cifar_lightning.report.metrics import best_epoch
 
 
 def test_history_adds_no_second_row_for_an_epoch_it_has(tmp_path):

@@ -2,8 +2,10 @@
 decoded-image cache (cached and per-file paths agree; invalidation; concurrent writers; a torn
 file), class folders, decoding and resizing, bad files, and the evaluation batch size."""
 
+import logging
 import multiprocessing as mp
 import os
+import re
 import time
 from types import SimpleNamespace
 
@@ -110,6 +112,33 @@ def test_changed_folder_invalidates_cache(tmp_path):
     changed, _, _ = load_split(KerasImageFolder(root / "valid"), 32, "tf_bilinear")
     assert not torch.equal(images, changed) and int(changed[0].float().mean()) == 7
     assert len(list(root.glob(".cache-valid-*.pt"))) == 1  # the stale cache file is removed
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "text"])
+def test_a_broken_cache_file_is_named_in_one_warning_and_rebuilt(tmp_path, caplog, damage):
+    # a disk that filled up or a copy cut short: the cache is only decoded images, so it is rebuilt
+    root = make_layout(tmp_path / "d", classes=CLASSES[:2], splits={"valid": 2}) / "valid"
+    images, labels, paths = load_split(KerasImageFolder(root), 32, "tf_bilinear")
+    (cache,) = root.parent.glob(".cache-valid-*.pt")
+    whole = cache.read_bytes()
+    broken = {
+        "truncated": whole[: len(whole) // 2],
+        "random bytes": np.random.default_rng(0).bytes(len(whole)),
+        "text": b"images, labels and pa",
+    }[damage]
+    cache.write_bytes(broken)
+    again = load_split(KerasImageFolder(root), 32, "tf_bilinear")
+    assert torch.equal(again[0], images) and torch.equal(again[1], labels) and again[2] == paths
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert re.fullmatch(
+        rf"{re.escape(str(cache))}: unreadable image cache \(\w+\); decoding valid again to "
+        "rebuild it",
+        warning.getMessage(),
+    )
+    assert cache.read_bytes() != broken and not list(root.parent.glob("*.tmp"))
+    caplog.clear()
+    load_split(KerasImageFolder(root), 32, "tf_bilinear")  # the rebuilt cache is read, silently
+    assert not caplog.records
 
 
 def test_resize_rule_rebuilds_the_cache_only_when_an_image_was_resized(tmp_path, monkeypatch):

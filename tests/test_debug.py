@@ -11,9 +11,9 @@ import lightning as L
 import pytest
 
 import cifar_lightning.build as build
-from cifar_lightning.config import CONF_DIR, compose
 from cifar_lightning.data.sampler import DirectoryBatchSampler
 from cifar_lightning.errors import UserError
+from cifar_lightning.schema import CONF_DIR, compose
 from cifar_lightning.train import train
 from tests.conftest import cfg_for, run_cli
 

@@ -5,9 +5,9 @@ parity with EMA is in test_resume.py."""
 import pytest
 import torch
 
-from cifar_lightning.config import compose
 from cifar_lightning.evaluate import evaluate
 from cifar_lightning.model.checkpoint import load_checkpoint
+from cifar_lightning.schema import compose
 from cifar_lightning.train import train
 from tests.conftest import cfg_for
 

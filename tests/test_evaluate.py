@@ -4,10 +4,10 @@ checkpoint exactly as its own training run's test phase did."""
 import pytest
 import torch
 
-from cifar_lightning.config import compose
 from cifar_lightning.errors import UserError
 from cifar_lightning.evaluate import match_classes
 from cifar_lightning.model.checkpoint import load_net
+from cifar_lightning.schema import compose
 from tests.conftest import cfg_for, image_batch
 
 FAST = ["logger=none", "callbacks.progress_bar.refresh_rate=0", "trainer=cpu"]
@@ -30,7 +30,7 @@ def test_only_a_three_digit_index_is_stripped(folder, ckpt):
 
 
 def test_evaluate_scores_a_checkpoint_as_its_own_test_phase_did(tiny_layout, tmp_path):
-    # a tta_flip + tta_shift checkpoint is evaluated on the same 6 views and with the resize rule
+    # a tta.flip + tta.shift checkpoint is evaluated on the same 6 views and with the resize rule
     # it trained with
     from cifar_lightning.evaluate import evaluate
     from cifar_lightning.model.checkpoint import load_checkpoint
@@ -44,8 +44,8 @@ def test_evaluate_scores_a_checkpoint_as_its_own_test_phase_did(tiny_layout, tmp
             "trainer.max_epochs=2",
             "data.batch_size=8",
             "seed=1",
-            "model.tta_flip=true",
-            "model.tta_shift=1",
+            "tta.flip=true",
+            "tta.shift=1",
             "fidelity=torch",
             *FAST,
         )
@@ -79,10 +79,9 @@ def test_evaluate_runs_at_the_precision_the_checkpoint_trained_at(tiny_layout, t
     from cifar_lightning.evaluate import evaluate
     from tests.conftest import make_classifier, save_ckpt
 
-    module = make_classifier(tmp_path)
+    module = make_classifier(tmp_path, precision="bf16-mixed")
     with torch.no_grad():  # larger logits, so that rounding them to bf16 moves the loss clearly
         module.net.classifier[-1].weight.mul_(20)
-    module.hparams.precision = "bf16-mixed"
     ckpt = save_ckpt(module, tmp_path / "bf16.ckpt")
     folder = KerasImageFolder(tiny_layout / "test")
     images = torch.stack([folder.loader(p) for p, _ in folder.samples])

@@ -31,8 +31,7 @@ def test_a_bf16_mixed_checkpoint_predicts_its_modules_own_bf16_autocast_logits(t
     from tests.conftest import image_batch, make_classifier, save_ckpt
 
     # the default channels_last layout, and the test phase's 6 views
-    module = make_classifier(tmp_path, tta_flip=True, tta_shift=1)
-    module.hparams.precision = "bf16-mixed"  # as build_module records trainer.precision
+    module = make_classifier(tmp_path, "tta.flip=true", "tta.shift=1", precision="bf16-mixed")
     net, _, hp = load_net(save_ckpt(module, tmp_path / "bf16.ckpt"))
     assert hp["precision"] == "bf16-mixed"
     x, y = image_batch(12)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cifar_lightning.config import CONF_DIR
+from cifar_lightning.build import resolve_precision
 from cifar_lightning.errors import UserError
 from cifar_lightning.loggers import (
     build_loggers,
@@ -19,6 +19,7 @@ from cifar_lightning.loggers import (
     prepare_mlflow,
     recipe_hparams,
 )
+from cifar_lightning.schema import CONF_DIR
 from cifar_lightning.train import train
 from tests.conftest import cfg_for
 
@@ -73,7 +74,7 @@ def test_every_logger_gets_its_files_hparams_and_figures(
         if logger == "many"
         else set([] if logger == "none" else [logger])
     )
-    hparams = recipe_hparams(cfg)
+    hparams = recipe_hparams(cfg, resolve_precision(cfg))
     if "tensorboard" in kinds:
         images, scalars = tensorboard_tags(run_dir)
         assert images == FIGURES
@@ -101,13 +102,22 @@ def test_every_logger_gets_its_files_hparams_and_figures(
 
 def test_the_hparams_are_the_recipe_not_the_plumbing(tmp_path):
     cfg = cfg_for(tmp_path, tmp_path, "experiment=best", "trainer.precision=32-true")
-    hparams = recipe_hparams(cfg)
+    hparams = recipe_hparams(cfg, resolve_precision(cfg))
     assert hparams["optim/name"] == "SGD" and hparams["scheduler/name"] == "one_cycle"
     assert hparams["batch_size"] == cfg.data.batch_size and hparams["precision"] == "32-true"
     assert hparams["model/dropout"] == cfg.model.dropout and hparams["seed"] == cfg.seed
     assert "fidelity/init" in hparams
-    assert not [k for k in hparams if k.startswith(("callbacks/", "trainer/", "data/", "run_dir"))]
+    # the recipe's keys out of model: the loss, augmentation, test-time views and whitening
+    assert hparams["loss/label_smoothing"] == 0.2 and hparams["augment/crop_pad"] == 4
+    assert hparams["tta/shift"] == 1 and hparams["whiten/enabled"] is True
+    assert not [
+        k for k in hparams if k.startswith(("callbacks/", "trainer/", "data/", "speed/", "run_dir"))
+    ]
     assert not [k for k in hparams if k.endswith(("_target_", "_partial_"))]
+    # the precision the run trains at, as resolved, not the config's `auto`
+    auto = cfg_for(tmp_path, tmp_path, "experiment=best")
+    assert auto.trainer.precision == "auto"
+    assert recipe_hparams(auto, "bf16-mixed")["precision"] == "bf16-mixed"
 
 
 class Refusing:
@@ -152,7 +162,7 @@ def _create_store(launch_dir: str, barrier) -> None:
     import os
 
     os.chdir(launch_dir)
-    from cifar_lightning.config import compose
+    from cifar_lightning.schema import compose
 
     node = compose(["logger=mlflow", f"run_dir={launch_dir}"]).logger.mlflow
     node = OmegaConf.merge(node, mlflow_locations(node))
@@ -174,3 +184,50 @@ def test_parallel_jobs_create_one_mlflow_store_without_colliding(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     names = [e.name for e in client.search_experiments()]
     assert names.count("cifar_lightning") == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "text"])
+def test_a_broken_mlflow_store_is_one_error_naming_it(tmp_path, damage):
+    import os
+
+    db = tmp_path / "outputs" / "mlflow.db"
+    node = OmegaConf.create(
+        {
+            "tracking_uri": f"sqlite:///{db}",
+            "experiment_name": "cifar_lightning",
+            "artifact_location": (tmp_path / "outputs" / "mlflow").as_uri(),
+        }
+    )
+    prepare_mlflow(node)  # a sound store
+    prepare_mlflow(node)  # ...opened again
+    whole = db.read_bytes()
+    broken = {
+        "truncated": whole[: len(whole) // 2],
+        "random bytes": os.urandom(len(whole)),
+        "text": b"runs: 3\nexperiment: cifar_lig",
+    }[damage]
+    db.write_bytes(broken)
+    before = sorted(p.name for p in db.parent.iterdir())
+    with pytest.raises(UserError, match=rf"^{db}: not a readable SQLite database \(") as exc:
+        prepare_mlflow(node)
+    assert str(exc.value).endswith(
+        "so MLflow can't record this run in it; move the file aside (or delete it) to start a new "
+        "store, without the runs it lists (their run directories keep their files), or log to "
+        "another store: logger.mlflow.tracking_uri=sqlite:///NEW_PATH"
+    )
+    assert db.read_bytes() == broken and sorted(p.name for p in db.parent.iterdir()) == before
+
+
+def test_a_broken_mlflow_store_ends_the_cli_in_one_error_line(tiny_layout, tmp_path):
+    from tests.conftest import run_cli
+
+    db = tmp_path / "outputs" / "mlflow.db"
+    db.parent.mkdir()
+    db.write_bytes(b"SQLite format 3\0" + bytes(100))  # a header, and the rest cut off
+    result = run_cli(
+        "cifar_lightning.train", "logger=mlflow", f"data.root={tiny_layout}", *FAST, cwd=tmp_path
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {db}: not a readable SQLite database (")
+    assert db.read_bytes() == b"SQLite format 3\0" + bytes(100)

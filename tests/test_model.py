@@ -7,8 +7,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from cifar_lightning.config import CONF_DIR
 from cifar_lightning.model.net import build_net, count_params
+from cifar_lightning.schema import CONF_DIR
 from tests.conftest import cfg_for
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))

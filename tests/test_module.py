@@ -1,6 +1,6 @@
 """Classifier, the LightningModule (model/module.py): which stage each option (augmentation,
-label smoothing, l2, TTA) applies to, the exact loss and accuracy sums, per-image epoch metrics,
-Lightning's hook name, and stepping the plateau schedule on the monitored metric."""
+label smoothing, l2, TTA) applies to, the exact training loss and accuracy, per-image epoch
+metrics, stepping the plateau schedule on the monitored metric, and its hyperparameters."""
 
 from types import SimpleNamespace
 
@@ -8,22 +8,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.types import LRSchedulerConfig
-from omegaconf import OmegaConf
 from torch import nn
 
-from tests.conftest import cfg_for, image_batch, make_classifier
+from tests.conftest import cfg_for, image_batch, make_classifier, save_ckpt
 
 
-def _container(node):
-    return OmegaConf.to_container(node, resolve=True)
-
-
-def _one_step(module, x, y):
-    """train_step with a plain optimizer and backward, as a CUDA graph captures it; returns the
-    (loss, acc) sums."""
-    module.train_sums = torch.zeros(2, dtype=torch.float64)
-    module.train_step(x, y, torch.Tensor.backward, torch.optim.SGD(module.parameters(), lr=0.0))
-    return module.train_sums.tolist()
+def _training_step(module, x, y):
+    """training_step on one batch, not the epoch's last (nothing logged, no Trainer needed);
+    returns (the loss it returned, the logits the network gave)."""
+    module._trainer = SimpleNamespace(is_last_batch=False)
+    seen = []
+    hook = module.net.register_forward_hook(lambda net, args, out: seen.append(out))
+    try:
+        loss = module.training_step((x, y), 0)
+    finally:
+        hook.remove()
+    (logits,) = seen
+    return loss, logits
 
 
 class _Spy(nn.Module):
@@ -40,7 +41,8 @@ class _Spy(nn.Module):
 
 def test_augmentation_runs_in_training_only(tmp_path):
     # Keras's preprocessing layers are inactive at inference: validation and test see raw images.
-    module = make_classifier(tmp_path, augment={"flip": True})
+    module = make_classifier(tmp_path, "augment.flip=true")
+    assert module.augment is not None  # the premise: the option reached the module
     module.augment = spy = _Spy()
     x, y = image_batch()
     module.eval()
@@ -48,19 +50,19 @@ def test_augmentation_runs_in_training_only(tmp_path):
     module.test_step((x, y), 0)
     assert spy.seen == []
     module.train()
-    _one_step(module, x, y)
+    _training_step(module, x, y)
     # the check can fail: training does augment
     assert len(spy.seen) == 1 and torch.equal(spy.seen[0], x)
 
 
 def test_label_smoothing_applies_to_the_training_loss_only(tmp_path):
     # The reported val/test loss must stay the plain cross-entropy, comparable with the notebook's.
-    module = make_classifier(tmp_path, label_smoothing=0.3)
+    module = make_classifier(tmp_path, "loss.label_smoothing=0.3")
     with torch.no_grad():  # larger logits, so that smoothed and plain cross-entropy differ clearly
         module.net.classifier[-1].weight.mul_(20)
     x, y = image_batch()
     module.train()
-    loss, logits = module.train_loss_and_logits(x, y)
+    loss, logits = _training_step(module, x, y)
     assert loss.item() == pytest.approx(
         F.cross_entropy(logits, y, label_smoothing=0.3).item(), rel=1e-6
     )
@@ -78,7 +80,7 @@ def test_l2_sums_kernels_only_and_is_part_of_the_reported_train_loss(tmp_path):
     # gamma/beta are not regularized. The penalty is in the loss Keras reports, so in train/loss
     # too.
     l2 = 0.01
-    module = make_classifier(tmp_path, l2=l2)
+    module = make_classifier(tmp_path, f"loss.l2={l2}")
     # non-zero biases (Keras init leaves them 0), so that counting them would show
     with torch.no_grad():
         for m in module.net.modules():
@@ -94,19 +96,18 @@ def test_l2_sums_kernels_only_and_is_part_of_the_reported_train_loss(tmp_path):
     with torch.no_grad():
         logits = module(x)
     ce = F.cross_entropy(logits, y).item()
-    loss, _ = module.train_loss_and_logits(x, y)
+    loss, _ = _training_step(module, x, y)
     assert loss.item() == pytest.approx(ce + penalty, rel=1e-5)
-    # lr 0: the weights stay, the reported loss is this one
-    loss_sum, correct = _one_step(module, x, y)
-    # the sum of loss x images, per image
-    assert loss_sum / len(y) == pytest.approx(ce + penalty, rel=1e-5)
-    assert correct == (logits.argmax(1) == y).sum().item()
+    # the epoch's train/loss and train/acc: this loss, and the fraction of these logits right
+    assert module.train_loss.compute().item() == pytest.approx(ce + penalty, rel=1e-5)
+    right = (logits.argmax(1) == y).float().mean().item()
+    assert module.train_acc.compute().item() == pytest.approx(right)
 
 
 def test_tta_flip_averages_probabilities_not_logits(tmp_path):
     # The mean of the two softmaxes (Keras-style TTA on predicted probabilities), not the softmax
     # of the mean logits.
-    module = make_classifier(tmp_path, tta_flip=True)
+    module = make_classifier(tmp_path, "tta.flip=true")
     with torch.no_grad():  # larger logits, so that the two kinds of average differ clearly
         module.net.classifier[-1].weight.mul_(20)
     x, y = image_batch()
@@ -124,33 +125,8 @@ def test_tta_flip_averages_probabilities_not_logits(tmp_path):
     assert (((a + b) / 2).softmax(-1) - expected).abs().max() > 1e-3
 
 
-def test_lightnings_hook_name_skips_nn_module_setattr_and_the_rest_does_not(tmp_path, monkeypatch):
-    # Lightning sets _current_fx_name ~44 times a step; Classifier sets it plainly (no
-    # Parameter/Module/Buffer checks). Every other attribute still goes through nn.Module, so
-    # submodules register.
-    module, extra = make_classifier(tmp_path), nn.Linear(2, 2)
-    seen, module_setattr = [], nn.Module.__setattr__
-    monkeypatch.setattr(
-        nn.Module, "__setattr__", lambda self, k, v: seen.append(k) or module_setattr(self, k, v)
-    )
-    module._current_fx_name = "training_step"
-    assert module._current_fx_name == "training_step" and seen == []
-    module.extra = extra
-    assert (
-        seen == ["extra"] and "extra" in module._modules and "extra.weight" in module.state_dict()
-    )
-
-
 def test_accuracy_is_keras_fraction_correct_without_per_step_sync(tmp_path, monkeypatch):
-    from cifar_lightning.model.module import Classifier
-
-    cfg = cfg_for(tmp_path, tmp_path)
-    module = Classifier(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        optim={},
-        scheduler=None,
-        class_names=[str(i) for i in range(10)],
-    )
+    module = make_classifier(tmp_path)
     y = torch.tensor([0, 0, 0, 0, 1, 2])  # uneven classes: micro and macro averages differ
     # 4 of 6 right; macro over present classes would be 0.58
     pred = torch.tensor([0, 0, 0, 1, 1, 1])
@@ -168,15 +144,7 @@ def test_epoch_metrics_are_per_image_means_logged_once_per_epoch(tmp_path, monke
 
     from cifar_lightning.model.module import Classifier
 
-    cfg = cfg_for(tmp_path, tmp_path)
-    container = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
-    torch.manual_seed(0)
-    module = Classifier(
-        model=container(cfg.model),
-        optim=container(cfg.optim),
-        scheduler=None,
-        class_names=[str(i) for i in range(10)],
-    )
+    module = make_classifier(tmp_path, "scheduler=none")
     x, y = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8), torch.arange(10)
     # batches of 4, 4 and 2: a batch mean would differ
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
@@ -211,16 +179,7 @@ def test_module_steps_plateau_schedule_on_val_loss_not_val_acc(tmp_path, monkeyp
     # The module steps the plateau schedule itself (on_validation_epoch_end) from callback_metrics.
     # Here val/loss is flat (a cut after epoch 4 with Keras patience 3) while val/acc falls, which
     # in "min" mode is an improvement every epoch (never a cut): the cuts say which metric was read.
-    from cifar_lightning.model.module import Classifier
-
-    cfg = cfg_for(tmp_path, tmp_path)
-    module = Classifier(
-        model=_container(cfg.model),
-        optim=_container(cfg.optim),
-        scheduler=_container(cfg.scheduler),
-        class_names=[str(i) for i in range(10)],
-        monitor=cfg.monitor,
-    )
+    module = make_classifier(tmp_path)  # the plateau schedule, monitor val/loss
     configured = module.configure_optimizers()
     optimizer, sched = configured["optimizer"], configured["lr_scheduler"]
     trainer = SimpleNamespace(
@@ -229,7 +188,7 @@ def test_module_steps_plateau_schedule_on_val_loss_not_val_acc(tmp_path, monkeyp
         lr_scheduler_configs=[LRSchedulerConfig(**sched)],
     )
     module.trainer = trainer
-    monkeypatch.setattr(module, "_log_epoch", lambda stage: None)  # self.log needs a real Trainer
+    monkeypatch.setattr(module, "log_epoch", lambda stage: None)  # self.log needs a real Trainer
     cuts = []
     for epoch in range(1, 7):
         trainer.callback_metrics = {
@@ -246,9 +205,9 @@ def test_module_steps_plateau_schedule_on_val_loss_not_val_acc(tmp_path, monkeyp
 def test_tta_shift_averages_probabilities_over_the_six_views(tmp_path):
     from cifar_lightning.model.net import tta_views
 
-    fast = cfg_for(tmp_path, tmp_path, "experiment=fast").model  # validates and tests on 6 views
-    assert (fast.tta_flip, fast.tta_shift) == (True, 1)
-    module = make_classifier(tmp_path, tta_flip=True, tta_shift=1)
+    fast = cfg_for(tmp_path, tmp_path, "experiment=fast").tta  # validates and tests on 6 views
+    assert (fast.flip, fast.shift) == (True, 1)
+    module = make_classifier(tmp_path, "tta.flip=true", "tta.shift=1")
     with torch.no_grad():
         module.net.classifier[-1].weight.mul_(20)
     x, y = image_batch()
@@ -267,26 +226,20 @@ def test_tta_shift_averages_probabilities_over_the_six_views(tmp_path):
 
 
 def test_norm_bias_decay_false_exempts_batchnorm_and_biases(tmp_path):
-    module = make_classifier(tmp_path)
-    module.hparams.optim = {
-        "_target_": "torch.optim.SGD",
-        "_partial_": True,
-        "lr": 0.1,
-        "weight_decay": 5e-4,
-        "norm_bias_decay": False,
-    }
+    sgd = ["scheduler=none", "optim=sgd", "optim.weight_decay=5e-4"]
+    module = make_classifier(tmp_path, *sgd, "optim.norm_bias_decay=false")
     groups = module.configure_optimizers().param_groups
     assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]
     assert all(p.ndim > 1 for p in groups[0]["params"])  # the 6 conv + 2 dense kernels
     assert len(groups[0]["params"]) == 8 and all(p.ndim == 1 for p in groups[1]["params"])
     assert sum(p.numel() for g in groups for p in g["params"]) == 815_018
-    module.hparams.optim["norm_bias_decay"] = True
+    module = make_classifier(tmp_path, *sgd, "optim.norm_bias_decay=true")
     (group,) = module.configure_optimizers().param_groups
     assert group["weight_decay"] == 5e-4 and len(group["params"]) == 28
 
 
 def test_whiten_initialises_the_first_conv_from_the_training_images_at_fit_setup(tmp_path):
-    module = make_classifier(tmp_path, whiten=True, whiten_images=4)
+    module = make_classifier(tmp_path, "whiten.enabled=true", "whiten.images=4")
     seen = []
     images, _ = image_batch(8)
     module._trainer = SimpleNamespace(
@@ -302,3 +255,29 @@ def test_whiten_initialises_the_first_conv_from_the_training_images_at_fit_setup
     weight = module.net.features[0].weight
     assert seen == [4] and not torch.equal(weight, before)
     assert torch.equal(weight[16:], -weight[:16])
+
+
+def test_hyperparameters_are_the_config_groups_as_plain_data(tmp_path):
+    # Checkpoints store them and load with weights_only=True, which refuses OmegaConf nodes and
+    # Enums; the module rebuilt from them is the one that trained.
+    from cifar_lightning.model.module import Classifier
+
+    module = make_classifier(
+        tmp_path, "loss.label_smoothing=0.1", "tta.shift=2", precision="bf16-mixed"
+    )
+    hp = dict(module.hparams)
+    assert set(hp) == {
+        *("model", "optim", "scheduler", "class_names", "loss", "augment", "tta", "whiten"),
+        *("speed", "monitor", "image_size", "precision"),
+    }
+    assert hp["loss"] == {"label_smoothing": 0.1, "l2": 0.0}
+    assert hp["tta"] == {"flip": False, "shift": 2} and hp["precision"] == "bf16-mixed"
+    assert "label_smoothing" not in hp["model"] and "tta_flip" not in hp["model"]
+    saved = torch.load(save_ckpt(module, tmp_path / "m.ckpt"), weights_only=True)
+    assert saved["hyper_parameters"] == hp
+    rebuilt = Classifier(**saved["hyper_parameters"])
+    rebuilt.load_state_dict(saved["state_dict"])
+    x, _ = image_batch()
+    module.eval(), rebuilt.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), module(x))

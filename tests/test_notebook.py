@@ -7,7 +7,7 @@ from PIL import Image
 
 from cifar_lightning.callbacks import HISTORY_COLUMNS
 from cifar_lightning.notebook import compare
-from cifar_lightning.report import write_csv
+from cifar_lightning.report.files import write_csv
 
 
 def fake_run(path, test_accuracy, epochs=3):

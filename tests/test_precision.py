@@ -2,14 +2,16 @@
 records and keeps it, and what bf16 autocast computes in on the CPU."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 import cifar_lightning.precision as precision
-from cifar_lightning.loggers import recipe_hparams
 from cifar_lightning.private_api import cpu_has_native_bf16
+from cifar_lightning.resume import precision_of
 from cifar_lightning.train import train
 from tests.conftest import cfg_for, make_classifier
 
@@ -62,17 +64,25 @@ def test_a_run_records_what_auto_chose_and_why(
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     caplog.set_level("INFO", logger="cifar_lightning.build")
     cfg = cfg_for(
-        tmp_path, tiny_layout, "trainer.precision=auto", "trainer.max_epochs=1", "test=false", *FAST
+        tmp_path,
+        tiny_layout,
+        "trainer.precision=auto",
+        "trainer.max_epochs=1",
+        "test=false",
+        "logger=csv",
+        "callbacks.progress_bar.refresh_rate=0",
+        "trainer=cpu",
     )
     metrics = train(cfg)
     assert metrics["precision"] == expected
     assert json.loads((tmp_path / "metrics.json").read_text())["precision"] == expected
     assert f"trainer.precision=auto -> {expected}: " in caplog.text
-    # the loggers' hparams are the config as it ran
-    assert recipe_hparams(cfg)["precision"] == expected
+    # the loggers' hparams: the precision as the run trained at, not the setting
+    hparams = yaml.safe_load((tmp_path / "csv" / "hparams.yaml").read_text())
+    assert hparams["precision"] == expected
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["callbacks"]["RunSettings"] == {"precision": expected}
     assert saved["hyper_parameters"]["precision"] == expected  # what evaluate and predict run at
+    assert precision_of(saved) == expected  # what a resumed run reads
 
 
 def test_a_resumed_auto_run_keeps_the_precision_it_started_with(tiny_layout, tmp_path, monkeypatch):
@@ -89,9 +99,26 @@ def test_a_resumed_auto_run_keeps_the_precision_it_started_with(tiny_layout, tmp
     # the same run continued on a machine where auto would choose fp32
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    # from a checkpoint older than the precision hyperparameter: the resume is not refused
+    # a checkpoint as the previous release wrote it: every recipe key inside `model`, and the
+    # precision only in a callback's state (RunSettings)
     ckpt = torch.load(last, weights_only=True)
-    del ckpt["hyper_parameters"]["precision"]
+    hp = ckpt["hyper_parameters"]
+    old_model = {
+        **hp["model"],
+        **hp["loss"],
+        "augment": None,
+        "tta_flip": hp["tta"]["flip"],
+        "tta_shift": hp["tta"]["shift"],
+        "whiten": hp["whiten"]["enabled"],
+        "whiten_images": hp["whiten"]["images"],
+        **hp["speed"],
+        "cuda_graph": False,
+        "grad_clip": None,
+    }
+    for key in ("loss", "augment", "tta", "whiten", "speed", "precision"):
+        del hp[key]
+    hp["model"] = old_model
+    ckpt["callbacks"]["RunSettings"] = {"precision": "bf16-mixed"}
     torch.save(ckpt, last)
     resumed = cfg_for(
         tmp_path / "other",
@@ -108,19 +135,23 @@ def test_a_resumed_auto_run_keeps_the_precision_it_started_with(tiny_layout, tmp
 
 
 def test_the_module_records_the_precision_the_trainer_runs_at(tmp_path, monkeypatch):
-    from cifar_lightning.build import build_module
+    from cifar_lightning.build import build_module, build_trainer, resolve_precision
     from tests.conftest import CLASSES
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
-    cfg = cfg_for(tmp_path, tmp_path, "trainer.precision=auto")
-    assert build_module(cfg, CLASSES).hparams.precision == "bf16-mixed"  # auto, resolved
-    assert cfg.trainer.precision == "bf16-mixed"
-    # the benchmark's (c) passes the precision it gives the Trainer
-    assert build_module(cfg, CLASSES, run_precision="32-true").hparams.precision == "32-true"
+    cfg = cfg_for(tmp_path, tmp_path, "trainer.precision=auto", "logger=none", "trainer=cpu")
+    chosen = resolve_precision(cfg)
+    assert chosen == "bf16-mixed"  # auto, resolved
+    assert cfg.trainer.precision == "auto"  # resolved once, the config left as it was
+    assert build_module(cfg, CLASSES, chosen).hparams.precision == "bf16-mixed"
+    assert build_trainer(cfg, precision=chosen).precision == "bf16-mixed"
+    # a precision given explicitly (the benchmark's (c) passes the one it gives the Trainer)
+    assert build_module(cfg, CLASSES, "32-true").hparams.precision == "32-true"
+    assert build_trainer(cfg, precision="32-true").precision == "32-true"
 
 
 def test_cpu_autocast_computes_in_bf16_and_keeps_the_state_in_fp32(tmp_path):
-    module = make_classifier(tmp_path, channels_last=True)
+    module = make_classifier(tmp_path, "speed.channels_last=true")
     outputs = {}
 
     def keep(name):
@@ -132,9 +163,11 @@ def test_cpu_autocast_computes_in_bf16_and_keeps_the_state_in_fp32(tmp_path):
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     y = torch.tensor([0, 1, 2, 3])
     module.train()
+    module._trainer = SimpleNamespace(is_last_batch=False)  # training_step reads only this
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, logits = module.train_loss_and_logits(x, y)
+        loss = module.training_step((x, y), 0)
     loss.backward()
+    logits = outputs["classifier.5"]  # the last Linear: the logits
     convs = {n: o for n, o in outputs.items() if o.dim() == 4}
     assert len(convs) == 6 and len(outputs) == 8
     assert all(o.dtype == torch.bfloat16 for o in outputs.values())

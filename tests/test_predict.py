@@ -6,10 +6,10 @@ import csv
 import pytest
 import torch
 
-from cifar_lightning.config import compose
 from cifar_lightning.data.folder import EXTENSIONS
 from cifar_lightning.errors import UserError
 from cifar_lightning.predict import find_inputs
+from cifar_lightning.schema import compose
 from tests.conftest import make_classifier, save_ckpt, write_images
 
 

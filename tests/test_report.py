@@ -1,8 +1,9 @@
-"""report.py: the metrics against a plain numpy computation, the figures as real PNG files and
+"""report/: the metrics against a plain numpy computation, the figures as real PNG files and
 what the history plot draws, predictions.csv, atomic and readable writes, the best epoch, and the
 sweep summary."""
 
 import csv
+import json
 import math
 import os
 
@@ -11,17 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_lightning import report
 from cifar_lightning.notebook import BEST_EPOCH
 from cifar_lightning.notebook import VAL_LOSS as NOTEBOOK_VAL_LOSS
-from cifar_lightning.report import (
-    best_epoch,
-    classification_metrics,
-    plot_confusion,
-    plot_history,
-    plot_roc,
-    save_figure,
-)
+from cifar_lightning.report import files
+from cifar_lightning.report.figures import plot_confusion, plot_history, plot_roc
+from cifar_lightning.report.files import read_csv, save_figure, write_csv, write_json
+from cifar_lightning.report.metrics import best_epoch, classification_metrics, write_predictions
+from cifar_lightning.report.sweep import write_summary
 
 CLASSES = ["000_a", "001_b", "002_c"]
 
@@ -114,11 +111,6 @@ def test_figures_are_valid_pngs(tmp_path):
 
 
 def test_sweep_summary_averages_each_recipe_over_its_seeds(tmp_path):
-    import csv
-    import json
-
-    from cifar_lightning.report import write_summary
-
     jobs = [
         ("optim=adam seed=0", "optim=adam", 0, 0.80),
         ("optim=adam seed=1", "optim=adam", 1, 0.84),
@@ -130,12 +122,12 @@ def test_sweep_summary_averages_each_recipe_over_its_seeds(tmp_path):
         row = {
             "job": str(i),
             "overrides": overrides,
+            "recipe": recipe,
+            "seed": seed,
             "status": "completed" if acc else "failed",
             "best_val_loss": 1.0 - (acc or 0),
             "test_accuracy": acc,
         }
-        if i % 2:  # rows from before recipe and seed were recorded are grouped by their overrides
-            row.update(recipe=recipe, seed=seed)
         (tmp_path / str(i) / "summary_row.json").write_text(json.dumps(row))
     write_summary(tmp_path)
     with open(tmp_path / "seeds.csv") as f:
@@ -155,37 +147,29 @@ def test_sweep_summary_averages_each_recipe_over_its_seeds(tmp_path):
     [
         ("val/loss", "min", ["1", "0", "2"]),
         ("val/acc", "max", ["0", "2", "1"]),
-        (None, None, ["1", "0", "2"]),
     ],
 )
 def test_sweep_summary_puts_the_best_job_by_its_monitor_first(tmp_path, monitor, mode, order):
-    import json
-
-    from cifar_lightning.report import read_csv, write_summary
-
-    # job 1 has the lowest val loss, job 0 the highest val accuracy; None: rows from before
-    # monitors were recorded
+    # job 1 has the lowest val loss, job 0 the highest val accuracy
     for job, (loss, acc) in enumerate([(0.7, 0.83), (0.6, 0.80), (0.8, 0.82)]):
         (tmp_path / str(job)).mkdir()
         row = {
             "job": str(job),
             "overrides": f"seed={job}",
+            "recipe": "(defaults)",
+            "seed": job,
             "status": "completed",
             "best_val_loss": loss,
             "best_val_acc": acc,
+            "monitor": monitor,
+            "monitor_mode": mode,
         }
-        if monitor:
-            row.update(monitor=monitor, monitor_mode=mode)
         (tmp_path / str(job) / "summary_row.json").write_text(json.dumps(row))
     write_summary(tmp_path)
     assert [r["job"] for r in read_csv(tmp_path / "summary.csv")] == order
 
 
 def test_a_sweep_over_the_monitor_itself_keeps_job_order(tmp_path):
-    import json
-
-    from cifar_lightning.report import read_csv, write_summary
-
     for job, monitor, mode in [
         (0, "val/acc", "max"),
         (1, "val/loss", "min"),
@@ -196,6 +180,8 @@ def test_a_sweep_over_the_monitor_itself_keeps_job_order(tmp_path):
         row = {
             "job": str(job),
             "overrides": f"monitor={monitor}",
+            "recipe": f"monitor={monitor}",
+            "seed": 42,
             "status": "completed",
             "best_val_loss": 1 / (job + 1),
             "best_val_acc": 0.5,
@@ -206,6 +192,34 @@ def test_a_sweep_over_the_monitor_itself_keeps_job_order(tmp_path):
     write_summary(tmp_path)
     # 10 after 2: numeric
     assert [r["job"] for r in read_csv(tmp_path / "summary.csv")] == ["0", "1", "2", "10"]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [b'{"job": "1", "overrides": "se', b"", b"\x93\xfe\x00 not json", b"[1, 2]", b'{"job": "1"}'],
+    ids=["truncated", "empty", "garbage", "not-an-object", "not-a-row"],
+)
+def test_a_broken_summary_row_is_named_once_and_the_other_jobs_are_summarised(
+    tmp_path, caplog, broken
+):
+    # a full disk or a copy cut short: one warning line naming the file, the rest of the summary
+    # written, and the file itself left as it is
+    for job in ("0", "1", "2"):
+        (tmp_path / job).mkdir()
+        row = {"job": job, "overrides": f"seed={job}", "recipe": "(defaults)", "seed": int(job)}
+        row |= {"status": "completed", "best_val_loss": 0.5, "monitor": "val/loss"}
+        (tmp_path / job / "summary_row.json").write_text(json.dumps(row | {"monitor_mode": "min"}))
+    (tmp_path / "1" / "summary_row.json").write_bytes(broken)
+    write_summary(tmp_path)
+    write_summary(tmp_path)  # every job's end rewrites the summary: the file is named once
+    assert [r["job"] for r in read_csv(tmp_path / "summary.csv")] == ["0", "2"]
+    assert "| (defaults) | 0 2 |" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "summary.png").exists()
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.getMessage().startswith(f"{tmp_path / '1' / 'summary_row.json'}: unreadable")
+    assert "job 1 is left out of the sweep's summary" in warning.getMessage()
+    assert "\n" not in warning.getMessage()
+    assert (tmp_path / "1" / "summary_row.json").read_bytes() == broken
 
 
 def test_best_epoch_keeps_the_first_of_tied_val_losses():
@@ -231,7 +245,7 @@ def test_best_epoch_follows_the_monitor_and_its_mode():
 
 
 def test_best_epoch_of_the_notebook_log_is_13():
-    # report.best_epoch itself, on the notebook's val_loss log (test_schedule checks it by hand).
+    # metrics.best_epoch itself, on the notebook's val_loss log (test_schedule checks it by hand).
     rows = [{"epoch": e, "val_loss": v} for e, v in enumerate(NOTEBOOK_VAL_LOSS, start=1)]
     assert best_epoch(rows) == BEST_EPOCH == 13
 
@@ -241,7 +255,7 @@ def test_auroc_of_a_class_that_is_every_label_is_undefined_and_so_is_the_macro()
     # One-vs-rest AUROC needs negatives too: with every label class 0, no class has both positives
     # and negatives, so each AUROC is NaN and the macro mean has nothing to average.
     logits = torch.from_numpy(np.random.default_rng(2).normal(size=(12, 3)).astype(np.float32))
-    m = report.classification_metrics(logits, torch.zeros(12, dtype=torch.long), CLASSES)
+    m = classification_metrics(logits, torch.zeros(12, dtype=torch.long), CLASSES)
     assert math.isnan(m["per_class"][CLASSES[0]]["auroc"])
     assert all(math.isnan(m["per_class"][c]["auroc"]) for c in CLASSES)
     assert math.isnan(m["auroc_macro"])
@@ -254,7 +268,7 @@ def test_predictions_csv_has_label_argmax_and_probabilities_in_path_order(tmp_pa
     logits = rng.normal(size=(9, 3)).astype(np.float32)
     y = (logits.argmax(1) + np.arange(9)) % 3  # right on some rows, wrong on others
     paths = [f"img/{name}.png" for name in "zyxwvutsr"]  # not sorted: the order must be kept
-    report.write_predictions(
+    write_predictions(
         tmp_path / "p.csv", paths, torch.from_numpy(y), torch.from_numpy(logits), CLASSES
     )
     with open(tmp_path / "p.csv") as f:
@@ -271,15 +285,15 @@ def test_predictions_csv_has_label_argmax_and_probabilities_in_path_order(tmp_pa
 def test_a_failed_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
     # metrics.json is replaced in one step: a crash while writing leaves the previous file whole.
     target = tmp_path / "metrics.json"
-    report.write_json(target, {"test_accuracy": 0.5})
+    write_json(target, {"test_accuracy": 0.5})
     before = target.read_bytes()
 
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", crash)
+    monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        report.write_json(target, {"test_accuracy": 0.9})
+        write_json(target, {"test_accuracy": 0.9})
     assert target.read_bytes() == before
 
 
@@ -288,9 +302,9 @@ def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", crash)
+    monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(OSError):
-        report.write_json(tmp_path / "metrics.json", {})
+        write_json(tmp_path / "metrics.json", {})
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -298,7 +312,7 @@ def test_written_artefacts_are_readable_by_others(tmp_path):
     # mkstemp creates 0600 files; artefacts are meant to be read by other users, whatever the umask.
     old = os.umask(0o077)
     try:
-        report.write_csv(tmp_path / "s.csv", [{"a": 1}], ["a"])
+        write_csv(tmp_path / "s.csv", [{"a": 1}], ["a"])
     finally:
         os.umask(old)
     assert (tmp_path / "s.csv").stat().st_mode & 0o777 == 0o644
@@ -323,7 +337,7 @@ def test_history_plot_draws_train_and_val_with_best_epoch_and_lr_cuts():
     ]
     best = 1 + val_loss.index(min(val_loss))
     cuts = [rows[i - 1]["epoch"] + 0.5 for i in range(1, 5) if lrs[i] < lrs[i - 1]]
-    fig = report.plot_history(rows, best=report.best_epoch(rows))
+    fig = plot_history(rows, best=best_epoch(rows))
     try:
         for ax, what in zip(fig.axes, ("acc", "loss")):
             lines = {ln.get_label(): ln for ln in ax.lines}

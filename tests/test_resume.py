@@ -20,7 +20,13 @@ def _history(run_dir):
 
 
 # the default recipe, and one with the recipe levers that draw random numbers or read the data
-LEVERS = ["model.whiten=true", "model.augment={flip:true,crop_pad:2,cutout:4}", "model.tta_shift=1"]
+LEVERS = [
+    "whiten.enabled=true",
+    "augment.flip=true",
+    "augment.crop_pad=2",
+    "augment.cutout=4",
+    "tta.shift=1",
+]
 
 
 # an average that moves fast enough to differ from the weights within the tiny run
@@ -104,13 +110,14 @@ def test_resume_refuses_what_it_cannot_continue_before_writing_anything(tiny_lay
 
 def test_last_checkpoint_is_the_last_epoch_even_when_it_did_not_improve(tiny_layout, tmp_path):
     """last.ckpt is what resume continues from. Lightning 2.6's save_last refreshes it only on
-    epochs that improve the monitor. Here no epoch can: with lr 0 and frozen BatchNorm statistics,
+    epochs that improve the monitor. Here no epoch can: with a learning rate that rounds to 0 in
+    float32 (optim.lr must be > 0), the weights never change, and with frozen BatchNorm statistics
     val/loss is the same every epoch (a tie is not an improvement): best.ckpt stays at epoch 1."""
     train(
         cfg_for(
             tmp_path,
             tiny_layout,
-            "optim.lr=0",
+            "optim.lr=1e-50",
             "model.bn_momentum=0",
             "trainer.max_epochs=3",
             "test=false",

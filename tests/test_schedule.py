@@ -1,6 +1,9 @@
 """The learning-rate schedules (model/schedule.py): the notebook's val_loss log replayed through
 the configured plateau schedule and early stopping, Keras's counting and absolute min_delta against
-torch's, a one-cycle schedule too short to warm up, and how a cut is announced."""
+torch's, a one-cycle schedule too short to warm up, how a cut is announced, and the plateau
+schedule in whole training runs (validating every epoch or every 2, resumed or not)."""
+
+import math
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ from torch import nn
 from cifar_lightning.errors import UserError
 from cifar_lightning.model.schedule import build_scheduler
 from cifar_lightning.notebook import VAL_LOSS as NOTEBOOK_VAL_LOSS
+from cifar_lightning.report.files import read_csv
+from cifar_lightning.train import train
 from tests.conftest import cfg_for
 
 
@@ -178,3 +183,90 @@ def test_one_cycle_anneal_strategy_shapes_the_warm_up_too():
     assert max(linear) - min(linear) < 1e-9 and min(linear) > 0
     cosine = warm_up_steps("cos")
     assert max(cosine) - min(cosine) > 1e-3 and min(cosine) > 0
+
+
+# A whole run whose val/loss plateaus: no change of val/loss can meet min_delta=100, so every
+# validation after the first is one without improvement, whatever the tiny data does. A narrow
+# Model S: the schedule does not depend on the width, and each step costs a fraction.
+PLATEAU_RUN = [
+    "seed=3",
+    "trainer.deterministic=true",
+    "model.widths=[8,16,16]",
+    "model.hidden=32",
+    "scheduler.patience=2",
+    "scheduler.min_delta=100",
+    "test=false",
+    "logger=none",
+    "callbacks.progress_bar.refresh_rate=0",
+    "trainer=cpu",
+]
+
+
+def _rows(run_dir) -> list[dict]:
+    """history.csv without the timings."""
+    rows = read_csv(run_dir / "history.csv")
+    return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in rows]
+
+
+def _cut_after(rows: list[dict]) -> list[int]:
+    """The epochs after which the learning rate fell: history.csv's lr is each epoch's rate."""
+    lrs = [float(r["lr"]) for r in rows]
+    return [epoch for epoch, (a, b) in enumerate(zip(lrs, lrs[1:]), start=1) if b < a]
+
+
+@pytest.mark.parametrize("every, epochs, cut_after", [(1, 6, [3, 5]), (2, 7, [6])])
+def test_a_training_run_cuts_where_keras_would_counting_validations(
+    every, epochs, cut_after, tiny_layout, tmp_path
+):
+    # Keras's rule (keras_cuts) applied to the validations that ran gives the epochs of the cuts:
+    # with validation every 2 epochs, patience counts validations, not epochs.
+    train(
+        cfg_for(
+            tmp_path,
+            tiny_layout,
+            f"trainer.max_epochs={epochs}",
+            f"trainer.check_val_every_n_epoch={every}",
+            *PLATEAU_RUN,
+        )
+    )
+    rows = _rows(tmp_path)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
+    validated = [r for r in rows if not math.isnan(float(r["val_loss"]))]
+    assert [int(r["epoch"]) for r in validated] == list(range(every, epochs + 1, every))
+    losses = [float(r["val_loss"]) for r in validated]
+    expected = [int(validated[k - 1]["epoch"]) for k in keras_cuts(losses, 2, min_delta=100)]
+    assert _cut_after(rows) == expected == cut_after
+    assert [float(r["lr"]) for r in rows[cut_after[0] - 1 : cut_after[0] + 1]] == pytest.approx(
+        [1e-3, 1e-4]
+    )
+
+
+def _interrupted_and_whole(tiny_layout, tmp_path) -> tuple[list[dict], list[dict]]:
+    """history.csv of a run validating every 2 epochs: stopped after epoch 5 and resumed from its
+    last.ckpt up to epoch 7, and uninterrupted. Validations after epochs 2, 4 and 6: the first
+    improves, 4 and 6 don't, so the cut after epoch 6 comes after the resume, and only if the
+    resumed schedule kept its count from epoch 4."""
+    every_2 = ["trainer.check_val_every_n_epoch=2", *PLATEAU_RUN]
+    train(cfg_for(tmp_path / "whole", tiny_layout, "trainer.max_epochs=7", *every_2))
+    train(cfg_for(tmp_path / "parts", tiny_layout, "trainer.max_epochs=5", *every_2))
+    last = tmp_path / "parts" / "checkpoints" / "last.ckpt"
+    resume = [f"resume={last}", "trainer.max_epochs=7", *every_2]
+    train(cfg_for(tmp_path / "ignored", tiny_layout, *resume))
+    return _rows(tmp_path / "parts"), _rows(tmp_path / "whole")
+
+
+def test_a_resumed_run_cuts_on_the_same_epoch_with_validation_every_2_epochs(tiny_layout, tmp_path):
+    resumed, whole = _interrupted_and_whole(tiny_layout, tmp_path)
+    assert len(resumed) == len(whole) == 7 and _cut_after(whole) == [6]
+    # the rate each epoch after the resume trained at (epochs 5 to 7): the cut after epoch 6
+    after_resume = [[float(r["lr"]) for r in rows[4:]] for rows in (resumed, whole)]
+    assert after_resume[0] == after_resume[1] == pytest.approx([1e-3, 1e-3, 1e-4])
+
+
+def test_a_resumed_run_trains_as_an_uninterrupted_one_with_validation_every_2_epochs(
+    tiny_layout, tmp_path
+):
+    """last.ckpt is written after History's row (save_on_train_epoch_end), also on an epoch with
+    validation, so the resumed history and training match the whole run's."""
+    resumed, whole = _interrupted_and_whole(tiny_layout, tmp_path)
+    assert resumed == whole

@@ -1,5 +1,5 @@
-"""The scripts in scripts/, tried small on the CPU: gpu_results.sh (the one script that takes
-every GPU figure) and step_overhead.py."""
+"""The scripts, tried small on the CPU: scripts/gpu_results.sh (the one script that takes every
+GPU figure) and benchmarks/step_overhead.py."""
 
 from __future__ import annotations
 
@@ -84,21 +84,18 @@ def test_a_killed_step_without_a_step_limit_is_logged_and_the_script_goes_on(tmp
     assert "** device failed" in r.stdout and "killed after" not in r.stdout
 
 
-def test_step_overhead_script_times_the_five_loops():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
+def test_step_overhead_script_times_the_four_loops(tmp_path):
+    # from any directory, against the installed package
+    script = ROOT / "benchmarks" / "step_overhead.py"
     res = subprocess.run(
-        [sys.executable, "scripts/step_overhead.py", "--steps", "30", "--rounds", "2"],
-        cwd=root,
+        [sys.executable, str(script), "--steps", "30", "--rounds", "2"],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    names = ("a", "c", "c+cb", "c-log", "graph0")
+    names = ("a", "c", "c+cb", "c-log")
     rows = {
         f[0]: f for f in (line.split() for line in res.stdout.splitlines()) if f and f[0] in names
     }
@@ -108,6 +105,34 @@ def test_step_overhead_script_times_the_five_loops():
     assert float(rows["a"][2]) == 0 and float(rows["c"][3]) == pytest.approx(
         float(rows["a"][1]) / float(rows["c"][1]), abs=0.01
     )
+
+
+INSTALL = "-m pip install --no-deps --no-build-isolation --no-index -e ."
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_gpu_results_installs_the_clone_unless_its_configs_are_importable(tmp_path, installed):
+    # pkg://cifar_lightning.conf exists only once the clone is installed (pyproject.toml maps
+    # conf/ into the package); a stand-in interpreter records each command and answers the check
+    calls, fake_python = tmp_path / "calls.txt", tmp_path / "python"
+    check = "" if installed else 'case "$*" in *cifar_lightning.conf*) exit 1;; esac\n'
+    fake_python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n{check}')
+    fake_python.chmod(0o755)
+    r = subprocess.run(
+        ["bash", "scripts/gpu_results.sh", "download", str(tmp_path / "gpu"), "recipe"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": str(fake_python), "TRAINER": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    commands = calls.read_text().splitlines()
+    prepare = next(i for i, c in enumerate(commands) if c.startswith("-m cifar_lightning.prepare"))
+    if installed:
+        assert INSTALL not in commands
+    else:  # before anything reads a config
+        assert commands.index(INSTALL) < prepare
 
 
 def test_the_accuracy_part_sweeps_fast_as_planned_and_one_epoch_shorter_then_best(tmp_path):

@@ -4,13 +4,11 @@ that would make the host wait for a GPU."""
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cifar_lightning.errors import UserError
-from cifar_lightning.model.module import Classifier
 from cifar_lightning.train import train
-from tests.conftest import cfg_for
+from tests.conftest import cfg_for, image_batch, make_classifier
 
 FAST = ["logger=none", "trainer.max_epochs=1"]
 
@@ -23,13 +21,7 @@ def test_bf16_mixed_trains_and_tests(tiny_layout, tmp_path):
 
 
 def test_compile_option_builds_a_compiled_network(tmp_path):
-    cfg = cfg_for(tmp_path, tmp_path, "model.compile=true")
-    module = Classifier(
-        OmegaConf.to_container(cfg.model, resolve=True),
-        OmegaConf.to_container(cfg.optim),
-        OmegaConf.to_container(cfg.scheduler),
-        [str(i) for i in range(10)],
-    )
+    module = make_classifier(tmp_path, "speed.compile=true")
     assert isinstance(module.net, torch._dynamo.eval_frame.OptimizedModule)
     # the checkpoint keys stay loadable by evaluate/predict (they strip "_orig_mod.")
     assert any("_orig_mod." in k for k in module.state_dict())
@@ -56,7 +48,7 @@ def test_lightnings_profiler_writes_its_report_into_the_run_directory(
 @pytest.mark.slow
 def test_compiled_and_bf16_training_together(tiny_layout, tmp_path):
     m = train(
-        cfg_for(tmp_path, tiny_layout, "model.compile=true", "trainer.precision=bf16-mixed", *FAST)
+        cfg_for(tmp_path, tiny_layout, "speed.compile=true", "trainer.precision=bf16-mixed", *FAST)
     )
     assert m["epochs_run"] == 1
 
@@ -200,11 +192,25 @@ def test_a_steady_training_and_validation_step_never_waits_for_the_device(
 def test_model_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, mode):
     seen = []
     monkeypatch.setattr(torch, "compile", lambda net, mode=None: seen.append(mode) or net)
-    cfg = cfg_for(tmp_path, tmp_path, "model.compile=true", f"model.compile_mode={mode}")
-    Classifier(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        scheduler=None,
-        class_names=[str(i) for i in range(10)],
-    )
+    make_classifier(tmp_path, "speed.compile=true", f"speed.compile_mode={mode}")
     assert seen == [mode]
+    make_classifier(tmp_path, f"speed.compile_mode={mode}")  # speed.compile=false: not compiled
+    assert seen == [mode]
+
+
+def test_speed_channels_last_sets_the_memory_layout_not_the_result(tmp_path):
+    nhwc = make_classifier(tmp_path, "speed.channels_last=true")
+    nchw = make_classifier(tmp_path, "speed.channels_last=false")
+    kernels = {m: [p for p in m.net.parameters() if p.ndim == 4] for m in (nhwc, nchw)}
+    assert len(kernels[nhwc]) == 6
+    assert all(
+        k.is_contiguous(memory_format=torch.channels_last) and not k.is_contiguous()
+        for k in kernels[nhwc]
+    )
+    assert all(
+        k.is_contiguous() and not k.is_contiguous(memory_format=torch.channels_last)
+        for k in kernels[nchw]
+    )
+    x, _ = image_batch()
+    with torch.no_grad():  # the same seeded weights: the same logits up to float rounding
+        assert torch.allclose(nhwc.eval()(x), nchw.eval()(x), rtol=1e-4, atol=1e-5)

@@ -16,8 +16,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from cifar_lightning.config import CONF_DIR
-from cifar_lightning.report import SweepSummary, write_summary
+from cifar_lightning.report.sweep import SweepSummary, write_summary
+from cifar_lightning.schema import CONF_DIR
 from tests.conftest import run_cli
 
 TINY = [
@@ -113,6 +113,62 @@ def test_a_study_whose_every_trial_failed_ends_in_one_error_line(tiny_layout, tm
         .splitlines()[-1]
         .startswith("error: hparams_search: every trial failed, so the study has no best trial")
     )
+
+
+def broken_copies(db: Path) -> dict[str, bytes]:
+    """A store as something else may leave it: cut short, overwritten, or some other file."""
+    whole = db.read_bytes()
+    return {
+        "truncated": whole[: len(whole) // 2],
+        "random bytes": os.urandom(len(whole)),
+        "text": b"trial 0: x=0.5\ntrial 1: x=",
+    }
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "text"])
+def test_a_broken_study_file_is_one_error_line_before_the_sweeper_opens_it(
+    tmp_path, capsys, damage
+):
+    from omegaconf import OmegaConf
+
+    from cifar_lightning.errors import UserError
+    from cifar_lightning.search import StorageFolder, check_study
+
+    db = tmp_path / "optuna" / "s.db"
+    db.parent.mkdir()
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{db}")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=20)
+    check_study(db, "s")  # a sound study passes
+    broken = broken_copies(db)[damage]
+    db.write_bytes(broken)
+    with pytest.raises(UserError, match=rf"^{db}: not a readable SQLite database \(") as exc:
+        check_study(db, "s")
+    assert "study s can't be continued; move the file aside (or delete it)" in str(exc.value)
+    assert "hydra.sweeper.study_name=NEW_NAME" in str(exc.value)
+    # Hydra turns a callback's exception into a warning and opens the study anyway: the callback
+    # ends the process itself, as cli.run does, with the one line and status 2
+    sweeper = {"storage": f"sqlite:///{db}", "study_name": "s"}
+    with pytest.raises(SystemExit) as stop:
+        StorageFolder().on_multirun_start(OmegaConf.create({"hydra": {"sweeper": sweeper}}))
+    assert stop.value.code == 2 and isinstance(stop.value.__cause__, UserError)
+    assert capsys.readouterr().err == f"error: {exc.value}\n"
+    assert db.read_bytes() == broken and [p.name for p in db.parent.iterdir()] == ["s.db"]
+
+
+def test_a_broken_study_file_ends_the_cli_in_one_error_line(tmp_path):
+    db = tmp_path / "outputs" / "optuna" / "cifar_lightning.db"
+    db.parent.mkdir(parents=True)
+    db.write_bytes(os.urandom(8192))
+    result = run_cli("cifar_lightning.train", "hparams_search=optuna", *TINY, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {db.relative_to(tmp_path)}: not a readable SQLite database (file is not a "
+        "database), so study cifar_lightning can't be continued; move the file aside (or delete "
+        "it) to start the study afresh, without its past trials, or leave it and start another "
+        "study: hydra.sweeper.study_name=NEW_NAME"
+    ]
+    assert [p.name for p in db.parent.iterdir()] == [db.name]  # and no sweep directory
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["optuna"]
 
 
 @pytest.mark.parametrize(
@@ -229,21 +285,35 @@ def test_the_slurm_launcher_config_names_its_cluster_settings():
 def test_lightnings_slurm_requeue_stays_off_under_submitit(tmp_path, monkeypatch):
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from cifar_lightning.build import build_trainer
+    from cifar_lightning.build import build_trainer, resolve_precision
     from tests.conftest import cfg_for
 
     slurm_job = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "x"}
     for key, value in {**slurm_job, "SLURM_JOB_ID": "1"}.items():
         monkeypatch.setenv(key, value)
-    trainer = build_trainer(cfg_for(tmp_path, tmp_path, "logger=none"))
+    cfg = cfg_for(tmp_path, tmp_path, "logger=none")
+    trainer = build_trainer(cfg, precision=resolve_precision(cfg))
     environment = trainer._accelerator_connector.cluster_environment
     assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
 
 
+def summary_row(job: str) -> dict:
+    """A completed job's summary_row.json, as SweepSummary.on_job_end writes it."""
+    return {
+        "job": job,
+        "overrides": f"seed={job}",
+        "recipe": "(defaults)",
+        "seed": int(job),
+        "monitor": "val/loss",
+        "monitor_mode": "min",
+        "status": "completed",
+        "test_accuracy": 0.5,
+    }
+
+
 def _finish_job(sweep_dir: str, job: str, barrier) -> None:
     (Path(sweep_dir) / job).mkdir()
-    row = {"job": job, "overrides": f"seed={job}", "status": "completed", "test_accuracy": 0.5}
-    (Path(sweep_dir) / job / "summary_row.json").write_text(json.dumps(row))
+    (Path(sweep_dir) / job / "summary_row.json").write_text(json.dumps(summary_row(job)))
     barrier.wait()  # every job ends at the same moment
     write_summary(Path(sweep_dir))
 
@@ -267,8 +337,7 @@ def test_the_summary_is_rewritten_at_the_multirun_end(tmp_path):
     from omegaconf import OmegaConf
 
     (tmp_path / "0").mkdir()
-    row = {"job": "0", "overrides": "seed=0", "status": "completed", "test_accuracy": 0.5}
-    (tmp_path / "0" / "summary_row.json").write_text(json.dumps(row))
+    (tmp_path / "0" / "summary_row.json").write_text(json.dumps(summary_row("0")))
     (tmp_path / ".summary.lock").touch()  # left by the jobs' writes
     SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     assert [r["job"] for r in summary_rows(tmp_path)] == ["0"]

@@ -14,9 +14,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cifar_lightning.config import CONF_DIR
 from cifar_lightning.errors import UserError
 from cifar_lightning.evaluate import evaluate
+from cifar_lightning.schema import CONF_DIR
 from cifar_lightning.train import train
 from tests.conftest import CLASSES, cfg_for, run_cli
 
@@ -105,12 +105,12 @@ def test_experiments_train_one_epoch(experiment, tiny_layout, tmp_path):
     # the recipe reached the module and the optimizer that trained, not only the config
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     hp, group = ckpt["hyper_parameters"], ckpt["optimizer_states"][0]["param_groups"][0]
-    assert hp["model"]["augment"]["flip"] is True
+    assert hp["augment"]["flip"] is True
     if experiment == "next":
-        assert hp["model"]["l2"] == 1e-4 and group["betas"] == (0.9, 0.999)  # Adam
+        assert hp["loss"]["l2"] == 1e-4 and group["betas"] == (0.9, 0.999)  # Adam
     else:
-        assert hp["model"]["tta_flip"] and hp["model"]["label_smoothing"] == 0.2
-        assert hp["model"]["tta_shift"] == 1 and hp["model"]["whiten"] is True
+        assert hp["tta"]["flip"] and hp["loss"]["label_smoothing"] == 0.2
+        assert hp["tta"]["shift"] == 1 and hp["whiten"]["enabled"] is True
         assert group["nesterov"] is True and group["weight_decay"] == 5e-4  # SGD
         # no weight decay on BatchNorm and biases: the second parameter group
         assert ckpt["optimizer_states"][0]["param_groups"][1]["weight_decay"] == 0.0

@@ -5,6 +5,7 @@ The file holds only tensors, lists of strings and ints: it is loaded with weight
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import warnings
@@ -15,6 +16,8 @@ from tqdm import tqdm
 
 from cifar_lightning.data.folder import KerasImageFolder, fit_size, read_rgb
 from cifar_lightning.errors import UserError
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
 
@@ -40,16 +43,21 @@ def load_split(
     if path.exists():
         try:
             data = torch.load(path, weights_only=True)
+            cached = data["images"], data["labels"], data["paths"]
+            if data["fingerprint"] != key or cached[0].shape[0] != len(cached[2]):
+                raise ValueError("not this folder's images")
+            resized_with = data["resized_with"]
+        except Exception as exc:  # noqa: BLE001 - torn, garbage or foreign: rebuilt, never trusted
+            # the type only: torch's text for a non-pickle suggests weights_only=False
+            log.warning(
+                f"{path}: unreadable image cache ({type(exc).__name__}); decoding {root.name} "
+                "again to rebuild it"
+            )
+        else:
             # "resized_with" is None when every image was already image_size: then the fidelity
             # presets' resize rules give the same pixels and switching them rebuilds nothing.
-            if (
-                data["fingerprint"] == key
-                and data["images"].shape[0] == len(data["paths"])
-                and data["resized_with"] in (None, resize)
-            ):
-                return data["images"], data["labels"], data["paths"]
-        except Exception:  # an unreadable cache is rebuilt, never trusted
-            pass
+            if resized_with in (None, resize):
+                return cached
     images = torch.empty(len(ds.samples), 3, image_size, image_size, dtype=torch.uint8)
     bad, resized = [], False
     # `with`: the bar is closed (its line ended) before an error line is printed

@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from cifar_lightning.errors import UserError
 from cifar_lightning.model.net import ModelS, TestTimeAugment, build_net
+from cifar_lightning.schema import (
+    AugmentConfig,
+    ModelConfig,
+    SpeedConfig,
+    TestTimeConfig,
+    WhitenConfig,
+)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -62,33 +70,73 @@ def image_rule(hp: dict, resize: str | None = None) -> tuple[int, str]:
     return int(hp.get("image_size", 32)), resize or hp.get("resize", "tf_bilinear")
 
 
+def hparams_of(ckpt: dict) -> dict:
+    """A checkpoint's hyperparameters in this release's layout (Classifier's arguments).
+    Checkpoints written before the config was typed kept the loss, augmentation, test-time,
+    whitening and speed keys inside `model`, and the precision only in a callback's state: this
+    is the one place that maps them."""
+    hp = dict(ckpt["hyper_parameters"])
+    if "loss" not in hp:
+        model = dict(hp["model"])
+        moved = {key: model.pop(key, None) for key in LEGACY_MODEL_KEYS}
+        hp["model"] = model
+        hp["loss"] = {
+            "label_smoothing": moved["label_smoothing"] or 0.0,
+            "l2": moved["l2"] or 0.0,
+        }
+        hp["augment"] = {**asdict(AugmentConfig()), **(moved["augment"] or {})}
+        hp["tta"] = {"flip": bool(moved["tta_flip"]), "shift": int(moved["tta_shift"] or 0)}
+        hp["whiten"] = {
+            "enabled": bool(moved["whiten"]),
+            "images": moved["whiten_images"] or WhitenConfig().images,
+        }
+        hp["speed"] = {
+            "channels_last": bool(moved["channels_last"]),
+            "compile": bool(moved["compile"]),
+            "compile_mode": moved["compile_mode"] or SpeedConfig().compile_mode,
+        }
+        # a schedule's interval follows from its function now (model/schedule.py)
+        scheduler = hp.get("scheduler") or {"_target_": None}
+        dropped = ("interval", "needs_total_steps")
+        hp["scheduler"] = {k: v for k, v in scheduler.items() if k not in dropped}
+    if hp.get("precision") is None:  # kept by a callback, RunSettings, if at all
+        settings = (ckpt.get("callbacks") or {}).get("RunSettings") or {}
+        hp["precision"] = settings.get("precision")
+    return hp
+
+
+# what earlier checkpoints kept in `model` (cuda_graph and grad_clip* are dropped)
+LEGACY_MODEL_KEYS = (
+    "label_smoothing",
+    "l2",
+    "augment",
+    "tta_flip",
+    "tta_shift",
+    "whiten",
+    "whiten_images",
+    "channels_last",
+    "compile",
+    "compile_mode",
+    "cuda_graph",
+    "grad_clip",
+    "grad_clip_algorithm",
+)
+
+
 def load_net(path: str | Path) -> tuple[ModelS | TestTimeAugment, list[str], dict]:
     """(network in eval mode, class names, hyperparameters) from a cifar_lightning checkpoint; a
-    model.tta_flip or model.tta_shift checkpoint's network averages over the same views as its
-    test phase did."""
+    network whose run tested on several views (tta) averages over the same views."""
     ckpt = load_checkpoint(path)
     try:
         # the datamodule's hyperparameters hold how images were decoded (image_size, resize)
-        hp = {**ckpt.get("datamodule_hyper_parameters", {}), **ckpt["hyper_parameters"]}
+        hp = {**ckpt.get("datamodule_hyper_parameters", {}), **hparams_of(ckpt)}
         class_names = [str(c) for c in hp["class_names"]]
-        model_cfg = {
-            k: hp["model"][k]
-            for k in (
-                "name",
-                "widths",
-                "hidden",
-                "dropout",
-                "num_classes",
-                "init",
-                "bn_momentum",
-                "bn_eps",
-            )
-        }
+        model_cfg = {k: hp["model"][k] for k in ModelConfig.__dataclass_fields__}
         model_cfg["init"] = "torch"  # weights come from the checkpoint; skip the init work
         # the memory layout the run computed in: under bf16 autocast another layout's kernels
         # round differently (by up to a bf16 step in the logits)
-        model_cfg["channels_last"] = bool(hp["model"].get("channels_last"))
-        net = build_net(model_cfg, int(hp.get("image_size", 32)))
+        channels_last = bool(hp["speed"]["channels_last"])
+        net = build_net(model_cfg, int(hp.get("image_size", 32)), channels_last)
         prefix = "net."
         state = {
             k[len(prefix) :].replace("_orig_mod.", ""): v
@@ -96,9 +144,9 @@ def load_net(path: str | Path) -> tuple[ModelS | TestTimeAugment, list[str], dic
             if k.startswith(prefix)
         }
         net.load_state_dict(state)
-        flip, pixels = bool(hp["model"].get("tta_flip")), int(hp["model"].get("tta_shift") or 0)
-        if flip or pixels:
-            net = TestTimeAugment(net, flip, pixels)
+        tta = TestTimeConfig(**hp["tta"])
+        if tta.flip or tta.shift:
+            net = TestTimeAugment(net, tta.flip, tta.shift)
     except UserError:
         raise
     except Exception as exc:

@@ -9,11 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_lightning.errors import UserError
-
-MODELS = ("s",)
-INITS = ("glorot", "torch")  # model.init: Keras's glorot_uniform, or PyTorch's default
-
 
 class ModelS(nn.Module):
     def __init__(
@@ -48,10 +43,8 @@ class ModelS(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
-        if init == "glorot":
-            self.apply(_glorot_uniform)
-        elif init != "torch":
-            raise UserError(f"model.init={init} is not one of: {', '.join(INITS)}")
+        if INITS[init] is not None:
+            self.apply(INITS[init])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits. Rescaling by 1/255 happens here, as Keras's Rescaling layer does."""
@@ -88,7 +81,7 @@ def tta_average(forward, x: torch.Tensor, flip: bool, pixels: int = 0) -> torch.
 
 class TestTimeAugment(nn.Module):
     """A network that predicts as tta_average: evaluate and predict wrap a checkpoint trained
-    with model.tta_flip or model.tta_shift in it, so they score it as its test phase did."""
+    with tta.flip or tta.shift in it, so they score it as its test phase did."""
 
     def __init__(self, net: nn.Module, flip: bool, pixels: int = 0):
         super().__init__()
@@ -104,11 +97,14 @@ def _glorot_uniform(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def build_net(cfg: dict, image_size: int = 32) -> ModelS:
-    """Model S from a model config's plain keys. Never reads a `_target_`: checkpoints are data."""
-    if cfg.get("name") not in MODELS:
-        raise UserError(f"model.name={cfg.get('name')} is not one of: {', '.join(MODELS)}")
-    net = ModelS(
+# model.init: Keras's glorot_uniform, or PyTorch's default (nothing to do)
+INITS = {"glorot": _glorot_uniform, "torch": None}
+
+
+def build_net(cfg: dict, image_size: int = 32, channels_last: bool = False) -> ModelS:
+    """Model S from a model config's plain keys (schema.ModelConfig), in the NHWC memory layout
+    if `channels_last`. Never reads a `_target_`: checkpoints are data."""
+    net = MODELS[cfg["name"]](
         widths=tuple(cfg["widths"]),
         hidden=int(cfg["hidden"]),
         dropout=float(cfg["dropout"]),
@@ -118,9 +114,12 @@ def build_net(cfg: dict, image_size: int = 32) -> ModelS:
         bn_momentum=float(cfg["bn_momentum"]),
         bn_eps=float(cfg["bn_eps"]),
     )
-    if cfg.get("channels_last"):
+    if channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net
+
+
+MODELS = {"s": ModelS}  # model.name
 
 
 def count_params(net: nn.Module) -> tuple[int, int]:

@@ -3,6 +3,8 @@ is converted; and the one-cycle schedule."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from cifar_lightning.errors import UserError
@@ -14,13 +16,13 @@ ANNEALS = ("cos", "linear")
 
 
 def build_scheduler(cfg: dict, optimizer, total_steps) -> tuple[object, str]:
-    """(scheduler, Lightning interval) from a scheduler config. Two keys are ours, not the target's:
-    `interval` (epoch | step) and `needs_total_steps` (total_steps() is passed, for one-cycle)."""
-    cfg = dict(cfg)
-    interval = cfg.pop("interval", "epoch")
-    if cfg.pop("needs_total_steps", False):
-        cfg["total_steps"] = int(total_steps())
-    return complete(instantiate(cfg, "scheduler"), "scheduler", optimizer), interval
+    """(scheduler, Lightning interval) from a scheduler config. A schedule that takes
+    `total_steps` (one-cycle) is planned over the whole fit, total_steps() optimizer steps, and
+    stepped after each of them; any other after each epoch."""
+    partial = instantiate(cfg, "scheduler")
+    if "total_steps" not in inspect.signature(partial.func).parameters:
+        return complete(partial, "scheduler", optimizer), "epoch"
+    return complete(partial, "scheduler", optimizer, total_steps=int(total_steps())), "step"
 
 
 def reduce_on_plateau(
