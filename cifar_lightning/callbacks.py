@@ -16,9 +16,15 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from cifar_lightning.errors import UserError
 from cifar_lightning.loggers import log_figure, log_hparams
 from cifar_lightning.model.net import count_params
+from cifar_lightning.report.calibration import (
+    expected_calibration_error,
+    hardware_name,
+    temperature_scaling,
+)
 from cifar_lightning.report.figures import plot_history
 from cifar_lightning.report.files import save_figure, write_csv, write_json
 from cifar_lightning.report.metrics import best_epoch, write_evaluation
+from cifar_lightning.report.page import write_page_safely
 
 log = logging.getLogger(__name__)
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"]
@@ -141,12 +147,23 @@ class InterruptCheckpoint(L.Callback):
 class RunReport(L.Callback):
     """The run's report, in one place: after fit, the best epoch (as best.ckpt has it), the fit's
     figures and metrics.json; after test, the test predictions gathered over ranks in file order,
-    metrics.json with the test metrics, predictions.csv, the figures and the logger's hparams.
-    `metrics` is metrics.json's content, what train() returns."""
+    metrics.json with the test metrics, predictions.csv, the figures and the logger's hparams;
+    last, report.html (`page`), after a temperature fitted on the validation split
+    (`calibration`). `metrics` is metrics.json's content, what train() returns."""
 
-    def __init__(self, run_dir: str | Path, monitor: str, mode: str, hparams: dict, test: bool):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        monitor: str,
+        mode: str,
+        hparams: dict,
+        test: bool,
+        page: bool = True,
+        calibration: bool = True,
+    ):
         self.run_dir, self.monitor, self.mode = Path(run_dir), monitor, mode
         self.hparams, self.test = hparams, test
+        self.page, self.calibration = page, calibration
         self.history: History | None = None  # the trainer's, found at fit start
         self.metrics: dict = {}
         self.best_ckpt, self.best = "", None
@@ -189,6 +206,7 @@ class RunReport(L.Callback):
             "best_val_acc": best_row["val_acc"],
             "epochs_run": len(rows),
             "train_seconds": round(train_seconds, 2),
+            "hardware": hardware_name(pl_module.device),
         }
         if not trainer.is_global_zero:
             return
@@ -198,6 +216,8 @@ class RunReport(L.Callback):
         if not self.test:
             write_json(self.run_dir / "metrics.json", self.metrics)
             self._log_hparams(trainer)
+            if self.page:
+                write_page_safely(self.run_dir, self.hparams)
 
     def on_test_start(self, trainer, pl_module):
         if self.best_ckpt:
@@ -222,13 +242,16 @@ class RunReport(L.Callback):
         if len(labels) < len(paths):  # limit_test_batches, fast_dev_run: the first batches only
             log.info(f"testing the first {len(labels)} of {len(paths)} test images")
             paths = paths[: len(labels)]
+        extra = {**self.metrics, "ece": expected_calibration_error(logits.softmax(-1), labels)}
+        if self.page and self.calibration:
+            extra.update(self._temperature(trainer, pl_module, logits, labels))
         self.metrics = write_evaluation(
             self.run_dir,
             logits,
             labels,
             paths,
             pl_module.hparams.class_names,
-            extra=self.metrics,
+            extra=extra,
             on_figure=lambda name, fig: log_figure(trainer.loggers, name, fig),
         )
         m = self.metrics
@@ -237,6 +260,20 @@ class RunReport(L.Callback):
             f"AUROC {m['auroc_macro']:.4f}"
         )
         self._log_hparams(trainer)
+        if self.page:  # last: metrics.json and the figures are already written
+            write_page_safely(self.run_dir, self.hparams)
+
+    def _temperature(self, trainer, pl_module, logits, labels) -> dict:
+        """metrics.json's temperature keys, from one pass over the validation split; a failure
+        is one warning and leaves them out."""
+        try:
+            return temperature_scaling(trainer, pl_module, logits, labels)
+        except Exception as exc:  # noqa: BLE001 - calibration is a reading aid, never the run
+            log.warning(
+                f"no temperature fitted ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:200]}); the test metrics stand"
+            )
+            return {}
 
     def _log_hparams(self, trainer) -> None:
         log_hparams(trainer.loggers, self.hparams, self.metrics)

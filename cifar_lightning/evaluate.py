@@ -2,8 +2,8 @@
 
     cifar-evaluate ckpt_path=outputs/DATE/TIME/checkpoints/best.ckpt eval_dir=data/cifar10/test
 
-Writes metrics.json, predictions.csv, confusion_matrix.png and roc_curves.png to its own run
-directory (outputs/evaluate/<date>/<time>/)."""
+Writes metrics.json, predictions.csv, confusion_matrix.png, roc_curves.png and report.html to its
+own run directory (outputs/evaluate/<date>/<time>/)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from cifar_lightning.data.folder import KerasImageFolder
 from cifar_lightning.errors import UserError
 from cifar_lightning.inference import describe_precision, pick_device, predict_logits
 from cifar_lightning.model.checkpoint import image_rule, load_net
+from cifar_lightning.report.calibration import expected_calibration_error, hardware_name
 from cifar_lightning.report.metrics import write_evaluation
+from cifar_lightning.report.page import write_page_safely
 from cifar_lightning.schema import check_config
 
 log = logging.getLogger(__name__)
@@ -68,8 +70,15 @@ def evaluate(cfg: DictConfig) -> dict:
         labels,
         [p for p, _ in folder.samples],
         class_names,
-        extra={"ckpt_path": str(cfg.ckpt_path), "eval_dir": str(cfg.eval_dir)},
+        extra={
+            "ckpt_path": str(cfg.ckpt_path),
+            "eval_dir": str(cfg.eval_dir),
+            "precision": hp.get("precision"),
+            "hardware": hardware_name(device),
+            "ece": expected_calibration_error(logits.float().softmax(-1), labels),
+        },
     )
+    write_page_safely(run_dir)  # last: a failure there leaves the files above as they are
     log.info(
         f"accuracy {metrics['test_accuracy']:.4f}  macro F1 {metrics['f1_macro']:.4f}  "
         f"AUROC {metrics['auroc_macro']:.4f}  on {len(labels)} images; artefacts in {run_dir}"

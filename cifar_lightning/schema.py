@@ -361,6 +361,12 @@ class Config:
     # the direction a sweeper's study takes for each objective
     sweep_directions: Dict[str, str] = field(default_factory=lambda: dict(SWEEP_OBJECTIVES))
     resume: Optional[str] = None  # PATH to a .ckpt, or "last" (the newest last.ckpt under outputs/)
+    # report.html in the run directory after the test phase (or after fit under test=false): one
+    # self-contained page of the metrics, figures, mistakes and calibration; false: no page
+    report: bool = True
+    # with report: fit a temperature on the validation split (one more pass over it, on the test
+    # views) and record it and the test ECE it gives in metrics.json; false skips that pass
+    report_calibration: bool = True
 
     def __post_init__(self):
         at_least("seed", self.seed, 0)
@@ -541,6 +547,13 @@ class EvaluateConfig:
 
 
 @dataclass
+class ReportConfig:
+    """`cifar-report`'s config: rebuild report.html from the files of a run directory."""
+
+    run_dir: str = MISSING  # a cifar-train run directory or a cifar-evaluate output
+
+
+@dataclass
 class PredictConfig(EvaluateConfig):
     """`cifar-predict`'s config."""
 
@@ -589,6 +602,7 @@ CONFIG_SCHEMAS = {
     "config_schema": Config,
     "lr_find_schema": LRFindConfig,
     "evaluate_schema": EvaluateConfig,
+    "report_schema": ReportConfig,
     "predict_schema": PredictConfig,
     "export_schema": ExportConfig,
 }

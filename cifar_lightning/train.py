@@ -63,7 +63,15 @@ def train(cfg: DictConfig) -> dict:
         )
     log.info(summary(model.net))
     hparams = recipe_hparams(cfg, precision)
-    report = RunReport(run_dir, cfg.monitor, cfg.monitor_mode, hparams, cfg.test)
+    report = RunReport(
+        run_dir,
+        cfg.monitor,
+        cfg.monitor_mode,
+        hparams,
+        cfg.test,
+        page=cfg.report,
+        calibration=cfg.report_calibration,
+    )
     trainer = build_trainer(cfg, report, precision=precision)
     # Ctrl-C and SIGTERM leave fit() by SystemExit (cli.run)
     report.start_clock()

@@ -10,7 +10,16 @@ import cifar_lightning
 PACKAGE = Path(cifar_lightning.__file__).parent
 SCRIPTS = PACKAGE.parent / "scripts"
 BENCHMARKS = PACKAGE.parent / "benchmarks"
-ENTRY_POINTS = {"train", "evaluate", "predict", "prepare", "export", "lr_find", "notebook"}
+ENTRY_POINTS = {
+    "train",
+    "evaluate",
+    "predict",
+    "prepare",
+    "export",
+    "lr_find",
+    "report_cli",
+    "notebook",
+}
 
 
 def module_name(path: Path) -> str:

@@ -318,6 +318,7 @@ def test_bench_bad_optimizer_value_is_one_error_line(tiny_layout, tmp_path, pipe
     )
 
 
+@pytest.mark.slow
 def test_bench_runs_every_pipeline_and_writes_json(tiny_layout, tmp_path):
     res = run_bench(
         f"data.root={tiny_layout}",
@@ -361,6 +362,7 @@ def test_bench_runs_every_pipeline_and_writes_json(tiny_layout, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_bench_interleaved_rounds_report_median_and_paired_ratios(tiny_layout, tmp_path):
     res = run_bench(
         f"data.root={tiny_layout}",

@@ -124,6 +124,7 @@ def test_multirun_writes_one_directory_per_job_and_a_summary(tiny_layout, tmp_pa
     assert losses == sorted(losses)
 
 
+@pytest.mark.slow
 def test_prepare_builds_every_cache_so_training_starts_warm(tmp_path):
     root = make_layout(tmp_path / "data", classes=CLASSES[:3])
     res = run_cli("cifar_lightning.prepare", f"data.root={root}", cwd=tmp_path)

@@ -170,6 +170,7 @@ def _create_store(launch_dir: str, barrier) -> None:
     prepare_mlflow(node)
 
 
+@pytest.mark.slow
 def test_parallel_jobs_create_one_mlflow_store_without_colliding(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)

@@ -102,6 +102,7 @@ def test_the_finder_drives_the_optimizer_step(tiny_layout, tmp_path, monkeypatch
     assert not list(tmp_path.glob(".lr_find_*.ckpt"))
 
 
+@pytest.mark.slow
 def test_the_finder_from_the_command_line(tiny_layout, tmp_path):
     run = tmp_path / "run"
     res = run_cli(

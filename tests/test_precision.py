@@ -85,6 +85,7 @@ def test_a_run_records_what_auto_chose_and_why(
     assert precision_of(saved) == expected  # what a resumed run reads
 
 
+@pytest.mark.slow
 def test_a_resumed_auto_run_keeps_the_precision_it_started_with(tiny_layout, tmp_path, monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     first = cfg_for(

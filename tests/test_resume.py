@@ -33,6 +33,7 @@ LEVERS = [
 EMA = ["callbacks=ema", "callbacks.ema.decay=0.9"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("levers", [[], LEVERS, EMA], ids=["default", "levers", "ema"])
 def test_resume_parity(levers, tiny_layout, tmp_path):
     """Stopped after epoch 2 and resumed, a run ends exactly as an uninterrupted one: same history

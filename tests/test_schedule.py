@@ -214,6 +214,7 @@ def _cut_after(rows: list[dict]) -> list[int]:
     return [epoch for epoch, (a, b) in enumerate(zip(lrs, lrs[1:]), start=1) if b < a]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every, epochs, cut_after", [(1, 6, [3, 5]), (2, 7, [6])])
 def test_a_training_run_cuts_where_keras_would_counting_validations(
     every, epochs, cut_after, tiny_layout, tmp_path
@@ -255,6 +256,7 @@ def _interrupted_and_whole(tiny_layout, tmp_path) -> tuple[list[dict], list[dict
     return _rows(tmp_path / "parts"), _rows(tmp_path / "whole")
 
 
+@pytest.mark.slow
 def test_a_resumed_run_cuts_on_the_same_epoch_with_validation_every_2_epochs(tiny_layout, tmp_path):
     resumed, whole = _interrupted_and_whole(tiny_layout, tmp_path)
     assert len(resumed) == len(whole) == 7 and _cut_after(whole) == [6]
@@ -263,6 +265,7 @@ def test_a_resumed_run_cuts_on_the_same_epoch_with_validation_every_2_epochs(tin
     assert after_resume[0] == after_resume[1] == pytest.approx([1e-3, 1e-3, 1e-4])
 
 
+@pytest.mark.slow
 def test_a_resumed_run_trains_as_an_uninterrupted_one_with_validation_every_2_epochs(
     tiny_layout, tmp_path
 ):

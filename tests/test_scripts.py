@@ -84,6 +84,7 @@ def test_a_killed_step_without_a_step_limit_is_logged_and_the_script_goes_on(tmp
     assert "** device failed" in r.stdout and "killed after" not in r.stdout
 
 
+@pytest.mark.slow
 def test_step_overhead_script_times_the_four_loops(tmp_path):
     # from any directory, against the installed package
     script = ROOT / "benchmarks" / "step_overhead.py"

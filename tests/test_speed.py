@@ -121,6 +121,7 @@ class OpRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "device",
     [

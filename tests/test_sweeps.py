@@ -42,6 +42,7 @@ def folder_state(folder: Path) -> dict:
     return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_an_optuna_study_continues_with_new_trials(tiny_layout, tmp_path):
     args = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", f"data.root={tiny_layout}", *TINY]
     first = run_cli("cifar_lightning.train", *args, "hydra.sweep.dir=sweep1", cwd=tmp_path)
@@ -68,6 +69,7 @@ def test_an_optuna_study_continues_with_new_trials(tiny_layout, tmp_path):
     assert values == pytest.approx(saved)
 
 
+@pytest.mark.slow
 def test_a_failed_trial_is_recorded_and_the_study_goes_on(tiny_layout, tmp_path):
     result = run_cli(
         "cifar_lightning.train",
@@ -194,6 +196,7 @@ LAUNCHERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_parallel_launchers_summarise_every_job_and_a_failing_one(launcher, tiny_layout, tmp_path):
     result = run_cli(
@@ -234,6 +237,7 @@ def _job_process(sweep_dir: Path) -> int | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="finds the job's process in /proc")
 def test_a_signalled_submitit_job_is_requeued_and_continues_from_last_ckpt(tiny_layout, tmp_path):
     sweep = tmp_path / "sweep"

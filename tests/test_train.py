@@ -23,6 +23,7 @@ from tests.conftest import CLASSES, cfg_for, run_cli
 FAST = ["logger=none", "callbacks.progress_bar.refresh_rate=0", "trainer=cpu"]
 
 
+@pytest.mark.slow
 def test_train_metrics_and_predictions_follow_the_history_and_the_test_files(tiny_layout, tmp_path):
     # batch 8: the 30 test images come in 4 batches, so a shuffled or reversed batch order would
     # misalign predictions.csv's paths and labels. best_val_* come from the best epoch's row in
@@ -55,6 +56,7 @@ def test_train_metrics_and_predictions_follow_the_history_and_the_test_files(tin
     ]
 
 
+@pytest.mark.slow
 def test_monitor_val_acc_reports_the_epoch_of_the_checkpoint_it_tested(tiny_layout, tmp_path):
     # best_epoch, best_val_* and the value returned to sweepers follow `monitor`, as best.ckpt does
     from cifar_lightning.train import train
@@ -80,6 +82,7 @@ def test_monitor_val_acc_reports_the_epoch_of_the_checkpoint_it_tested(tiny_layo
     assert m["best_val_acc"] == pytest.approx(float(best["val_acc"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 )
@@ -158,6 +161,7 @@ def test_sigterm_leaves_loadable_checkpoints_and_exits_nonzero(tiny_layout, tmp_
         assert ckpt["state_dict"] and ckpt["optimizer_states"]
 
 
+@pytest.mark.slow
 def test_ddp_cpu_matches_one_process(tiny_layout, tmp_path):
     """trainer=ddp_cpu: 2 gloo processes, each taking half of every batch. (1) Its test phase,
     gathered from both ranks, equals evaluating its best checkpoint in one process (tolerance 1e-5).
