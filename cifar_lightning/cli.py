@@ -15,7 +15,7 @@ from cifar_lightning.errors import UserError, one_line, to_log_files, user_facin
 from cifar_lightning.private_api import hydra_args_parser
 from cifar_lightning.schema import refuse_loose_boolean, refuse_moved_key
 from cifar_lightning.search import every_trial_failed
-from cifar_lightning.targets import check_override_targets
+from cifar_lightning.targets import check_override_targets, command_line_overrides
 
 
 def run(hydra_main: Callable[[], object], after_sigterm: str = "") -> None:
@@ -67,15 +67,9 @@ def refuse_rerun(argv: list[str]) -> None:
 def check_override_keys(argv: list[str]) -> None:
     """The command line's overrides against what the schema can't say itself: a key that moved
     gets its new spelling, and a bool key takes only true or false, in each job of a sweep too."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep, RangeSweep
 
-    args, _ = hydra_args_parser().parse_known_args(argv)
-    try:
-        overrides = OverridesParser.create().parse_overrides(args.overrides)
-    except Exception:  # noqa: BLE001 - Hydra's own parse error is clearer than ours
-        return
-    for o in overrides:
+    for o in command_line_overrides(argv):
         refuse_moved_key(o.key_or_group)
         if o.is_delete():
             continue

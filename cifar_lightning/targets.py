@@ -101,18 +101,23 @@ def check_targets(node: Any, key: str = "") -> None:
             check_targets(v, path)
 
 
-def check_override_targets(argv: list[str]) -> None:
-    """check_targets on the command line's overrides. Hydra builds `hydra.callbacks` (and launchers)
-    before any of our code sees the config, so `+hydra.callbacks.x._target_=os.system` must be
-    refused here, before Hydra starts. Overrides Hydra cannot parse are left for Hydra to report."""
+def command_line_overrides(argv: list[str]) -> list:
+    """The command line's overrides as Hydra parses them (hydra's Override objects), or none
+    where Hydra can't parse them: Hydra's own parse error is then clearer than ours."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args, _ = hydra_args_parser().parse_known_args(argv)
     try:
-        overrides = OverridesParser.create().parse_overrides(args.overrides)
-    except Exception:  # noqa: BLE001 - Hydra's own parse error is clearer than ours
-        return
-    for o in overrides:
+        return OverridesParser.create().parse_overrides(args.overrides)
+    except Exception:  # noqa: BLE001 - left for Hydra to report
+        return []
+
+
+def check_override_targets(argv: list[str]) -> None:
+    """check_targets on the command line's overrides. Hydra builds `hydra.callbacks` (and launchers)
+    before any of our code sees the config, so `+hydra.callbacks.x._target_=os.system` must be
+    refused here, before Hydra starts."""
+    for o in command_line_overrides(argv):
         if o.is_delete():
             continue
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]

@@ -273,9 +273,10 @@ def _keras_python() -> str | None:
     return py if found.returncode == 0 else None
 
 
-# slow: TensorFlow is not among the test extras (hundreds of MB); with -m slow it needs the keras
-# extra (or KERAS_PYTHON), and CI's rule that a skip for a missing extra fails applies to it too
+# keras: TensorFlow is not among the test extras (hundreds of MB), so this runs with -m keras where
+# the keras extra (or KERAS_PYTHON) is installed; CI runs `-m "slow and not keras"`
 @pytest.mark.slow
+@pytest.mark.keras
 @pytest.mark.skipif(_keras_python() is None, reason="needs the keras extra (or KERAS_PYTHON)")
 def test_bench_k_times_the_keras_notebook_and_pairs_it_with_c(bench, tiny_layout, tmp_path):
     out = _bench(
