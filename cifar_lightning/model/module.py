@@ -92,13 +92,17 @@ class Classifier(L.LightningModule):
     def evaluation_step(self, batch, stage: str) -> torch.Tensor:
         """Validation and test: the batch's loss and accuracy into the stage's metrics."""
         x, y = batch
-        if self.tta.flip or self.tta.shift:  # the mean probability over mirrored, shifted views
-            logits = tta_average(self, x, self.tta.flip, self.tta.shift)
-        else:
-            logits = self(x)
+        logits = self.evaluation_logits(x)
         loss = F.cross_entropy(logits, y)  # = Keras sparse CE on the softmax, computed from logits
         self.update_metrics(stage, loss, logits, y)
         return logits
+
+    def evaluation_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """What validation and test score: the log of the mean probability over the `tta` views
+        (mirrored, shifted), or the plain logits without test-time views."""
+        if self.tta.flip or self.tta.shift:
+            return tta_average(self, x, self.tta.flip, self.tta.shift)
+        return self(x)
 
     def validation_step(self, batch, batch_idx):
         self.evaluation_step(batch, "val")
@@ -114,9 +118,10 @@ class Classifier(L.LightningModule):
         getattr(self, f"{stage}_acc").update(logits, y)
 
     def log_epoch(self, stage: str) -> None:
-        """Log the epoch's metric objects once, not per step: a self.log call costs about 0.6-0.9
-        ms of Python on a 2-vCPU AMD EPYC, on a GPU as much as the step's own kernels. Lightning
-        computes them at the epoch's end (synced over DDP ranks) and resets them."""
+        """Log the epoch's metric objects once, not per step: two self.log calls a step cost about
+        1.2-1.8 ms of Python on a 2-vCPU AMD EPYC (benchmarks/step_overhead.py), on a GPU as much
+        as the step's own kernels. Lightning computes them at the epoch's end (synced over DDP
+        ranks) and resets them."""
         for name in ("loss", "acc"):
             metric = getattr(self, f"{stage}_{name}")
             self.log(

@@ -18,8 +18,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torchmetrics.functional.classification import multiclass_calibration_error  # noqa: E402
 
-from cifar_lightning.model.net import tta_average  # noqa: E402
-
 log = logging.getLogger(__name__)
 ECE_BINS = 15  # torchmetrics' default, and the usual choice since Guo et al. (2017)
 
@@ -59,17 +57,14 @@ def validation_logits(trainer, module) -> tuple[torch.Tensor, torch.Tensor]:
     loader = trainer.datamodule.val_dataloader()
     plugin = getattr(trainer, "precision_plugin", None)  # autocast under bf16-mixed, say
     forward_context = plugin.forward_context if plugin is not None else contextlib.nullcontext
-    tta, outputs = module.tta, []
+    outputs = []
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad(), forward_context():
             for batch in loader:
                 x, y = module.transfer_batch_to_device(batch, module.device, 0)
-                if tta.flip or tta.shift:
-                    logits = tta_average(module, x, tta.flip, tta.shift)
-                else:
-                    logits = module(x)
+                logits = module.evaluation_logits(x)
                 outputs.append((logits.float().cpu(), y.cpu()))
     finally:
         module.train(was_training)
