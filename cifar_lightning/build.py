@@ -46,6 +46,7 @@ def build_datamodule(cfg: DictConfig) -> CifarDataModule:
         resize=cfg.fidelity.resize,
         seed=cfg.seed,
         eval_batch_size=d.eval_batch_size,
+        alternating_flip=cfg.augment.flip and cfg.augment.alternating_flip,
     )
 
 
@@ -71,6 +72,7 @@ def build_module(cfg: DictConfig, class_names: list[str], precision: str) -> Cla
         tta=plain(cfg.tta),
         whiten=plain(cfg.whiten),
         speed=plain(cfg.speed),
+        distill=plain(cfg.distill),
         monitor=cfg.monitor,
         image_size=cfg.data.image_size,
         precision=precision,

@@ -54,8 +54,9 @@ class Probabilities(nn.Module):
 
 def contract(net: nn.Module, class_names: list[str], image_size: int, resize: str) -> dict:
     """The metadata an export carries: class names, the input it expects and what it returns."""
-    flip, pixels = (net.flip, net.pixels) if isinstance(net, TestTimeAugment) else (False, 0)
-    views = len(tta_views(torch.zeros(1, 3, image_size, image_size), flip, pixels))
+    tta = isinstance(net, TestTimeAugment)
+    flip, pixels, along = (net.flip, net.pixels, net.along) if tta else (False, 0, "diagonal")
+    views = len(tta_views(torch.zeros(1, 3, image_size, image_size), flip, pixels, along))
     s, n = image_size, len(class_names)
     mean = f", the mean over {views} test-time views" if views > 1 else ""
     return {
@@ -70,6 +71,7 @@ def contract(net: nn.Module, class_names: list[str], image_size: int, resize: st
         "tta_views": views,
         "tta_flip": flip,
         "tta_shift": pixels,
+        "tta_shift_along": along,
         "producer": f"cifar_lightning {__version__}",
     }
 

@@ -48,6 +48,7 @@ WHITEN_PATCH = 3 * 3 * 3
 CONF_DIR = Path(str(resources.files("cifar_lightning.conf")))
 # build.PROFILERS' names: build imports Lightning, which the schema does not need
 PROFILERS = ("simple", "advanced", "pytorch")
+SHIFT_DIRECTIONS = ("diagonal", "axes")  # tta.shift_along
 
 
 def require(ok: bool, key: str, value: Any, must: str) -> None:
@@ -132,12 +133,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """What Model S's constructor takes (model/net.py). init, bn_momentum and bn_eps come from
-    the fidelity group (conf/model/s.yaml)."""
+    """What Model S's constructor takes (model/net.py), and the teacher's (name=teacher, the same
+    keys). init, bn_momentum and bn_eps come from the fidelity group (conf/model/s.yaml)."""
 
-    name: str = "s"
+    name: str = "s"  # s (Model S) | teacher (distillation teacher, conf/model/teacher.yaml)
     widths: List[int] = field(default_factory=lambda: [32, 64, 128])  # filters per block
-    hidden: int = 256  # units of the first dense layer
+    hidden: int = 256  # units of Model S's first dense layer (the teacher has none: 0)
     dropout: float = 0.5  # probability of zeroing, before each dense layer
     num_classes: int = 10  # set to the number of class folders
     init: str = MISSING  # glorot (Keras) | torch (PyTorch's default)
@@ -152,7 +153,7 @@ class ModelConfig:
             self.widths,
             "must be a list of whole numbers >= 1 like [32,64,128]",
         )
-        at_least("model.hidden", self.hidden, 1)
+        at_least("model.hidden", self.hidden, 1 if self.name == "s" else 0)
         fraction("model.dropout", self.dropout)
         at_least("model.num_classes", self.num_classes, 1)
         one_of("model.init", self.init, INITS)
@@ -178,7 +179,11 @@ class LossConfig:
 class AugmentConfig:
     """Training augmentation, batched on the device (model/augment.py); all off by default."""
 
-    flip: bool = False  # mirror a random half of each batch
+    flip: bool = False  # mirror half the images: a random half of each batch, or see below
+    # with flip: mirror a random half of the images in the first epoch, then alternate each
+    # image's mirroring from epoch to epoch (airbench's alternating flip, arXiv:2404.00498), so
+    # every two epochs see each image both ways; decided per image by the batch sampler
+    alternating_flip: bool = False
     rotation_deg: float = 0.0  # random rotation up to +- this many degrees
     zoom: float = 0.0  # random zoom by up to +- this fraction
     translate: float = 0.0  # random fractional shift up to +- this fraction of the side
@@ -188,6 +193,12 @@ class AugmentConfig:
     def __post_init__(self):
         for key in ("rotation_deg", "zoom", "translate", "crop_pad", "cutout"):
             at_least(f"augment.{key}", getattr(self, key), 0)
+        require(
+            self.flip or not self.alternating_flip,
+            "augment.alternating_flip",
+            True,
+            "needs augment.flip=true (it changes how the flip is drawn)",
+        )
 
     @property
     def active(self) -> bool:
@@ -199,10 +210,29 @@ class TestTimeConfig:
     """Test-time augmentation at validation and test: the mean probability over views."""
 
     flip: bool = False  # also the mirrored image
-    shift: int = 0  # pixels: also each view moved this far diagonally both ways (flip: 6 views)
+    shift: int = 0  # pixels: also each view moved this far (flip: 6 or 10 views)
+    # diagonal: moved down-right and up-left (2 moves a view); axes: left, right, up and down
+    # (4 moves a view)
+    shift_along: str = "diagonal"
 
     def __post_init__(self):
         at_least("tta.shift", self.shift, 0)
+        one_of("tta.shift_along", self.shift_along, SHIFT_DIRECTIONS)
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from a teacher checkpoint (experiment=teacher trains one). The loss
+    is (1 - weight) x the label loss + weight x T^2 x KL(teacher || student) at temperature T,
+    the teacher run in eval mode, without gradients, on the student's augmented batch."""
+
+    teacher: Optional[str] = None  # PATH/TO/teacher.ckpt; null: no distillation
+    temperature: float = 4.0  # T: softens both distributions
+    weight: float = 0.5  # the distillation term's share of the loss
+
+    def __post_init__(self):
+        require(self.temperature > 0, "distill.temperature", self.temperature, "must be > 0")
+        require(0 <= self.weight <= 1, "distill.weight", self.weight, "must be in [0, 1]")
 
 
 @dataclass
@@ -345,6 +375,7 @@ class Config:
     augment: AugmentConfig = MISSING
     tta: TestTimeConfig = field(default_factory=TestTimeConfig)
     whiten: WhitenConfig = field(default_factory=WhitenConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     optim: Any = MISSING  # an OptimConfig, by conf/optim/
     scheduler: Any = MISSING  # a PlateauConfig or OneCycleConfig; `_target_: null` for none

@@ -209,6 +209,7 @@ def test_the_committed_best_xeon_checkpoint_loads_as_its_run_tested(tmp_path):
         "translate": 0,
         "crop_pad": 4,
         "cutout": 0,
+        "alternating_flip": False,
     }
     assert hp["whiten"] == {"enabled": True, "images": 5000}
     assert hp["speed"] == {"channels_last": True, "compile": False, "compile_mode": "default"}

@@ -72,9 +72,11 @@ def test_defaults_are_the_notebook_recipe(tmp_path):
     }
     assert (cfg.model.init, cfg.model.bn_momentum, cfg.model.bn_eps) == ("glorot", 0.01, 1e-3)
     assert (cfg.loss.label_smoothing, cfg.loss.l2) == (0, 0)
-    assert set(cfg.augment) == {"flip", "rotation_deg", "zoom", "translate", "crop_pad", "cutout"}
+    augment_keys = {"flip", "rotation_deg", "zoom", "translate", "crop_pad", "cutout"}
+    assert set(cfg.augment) == augment_keys | {"alternating_flip"}
     assert not any(cfg.augment.values())
     assert (cfg.tta.flip, cfg.tta.shift, cfg.whiten.enabled) == (False, 0, False)
+    assert cfg.distill.teacher is None
     assert (cfg.speed.compile, cfg.speed.channels_last) == (False, True)
     assert cfg.trainer.accumulate_grad_batches == 1 and cfg.trainer.gradient_clip_val is None
 
@@ -209,6 +211,13 @@ WHOLE = "must be a whole number"
 EPOCHS = "must be -1 (no limit) or a whole number >= 1"
 CLIP = "must be a number > 0 (null: no clipping)"
 WRONG = [
+    (
+        "augment.alternating_flip=true",
+        "augment.alternating_flip=True: needs augment.flip=true (it changes how the flip is drawn)",
+    ),
+    ("tta.shift_along=rows", "tta.shift_along=rows: is not one of: diagonal, axes"),
+    ("distill.temperature=0", "distill.temperature=0.0: must be > 0"),
+    ("distill.weight=1.5", "distill.weight=1.5: must be in [0, 1]"),
     ("data.batch_size=abc", not_converted("data.batch_size", "abc", "Integer")),
     ("data.batch_size=0", "data.batch_size=0: must be >= 1"),
     ("data.image_size=0", "data.image_size=0: must be >= 1"),

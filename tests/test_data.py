@@ -50,6 +50,42 @@ def test_ranks_split_every_batch():
     assert [a + b for a, b in zip(*parts)] == full
 
 
+def test_alternating_flip_mirrors_each_image_every_other_epoch():
+    def mirrored(epoch):
+        s = DirectoryBatchSampler([100, 50], 8, seed=3, mirror=True)
+        s.set_epoch(epoch)
+        pairs = [p for b in s.batches() for p in b]
+        plain = DirectoryBatchSampler([100, 50], 8, seed=3)
+        plain.set_epoch(epoch)
+        assert [i for i, _ in pairs] == [i for b in plain.batches() for i in b]  # same order
+        return torch.tensor([m for _, m in sorted(pairs)])
+
+    first, second, third = mirrored(0), mirrored(1), mirrored(2)
+    assert 50 < int(first.sum()) < 100  # about half, at random
+    assert torch.equal(second, ~first) and torch.equal(third, first)
+    other_seed = DirectoryBatchSampler([100, 50], 8, seed=4, mirror=True).mirrored(150)
+    assert not torch.equal(other_seed, first)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_alternating_flip_serves_the_samplers_mirrored_images(tiny_layout, cache):
+    plain = _datamodule(tiny_layout, batch_size=4, cache=cache)
+    flipping = _datamodule(tiny_layout, batch_size=4, cache=cache, alternating_flip=True)
+    seen = {0: [], 1: []}
+    for epoch in (0, 1):
+        a, b = plain.train_dataloader(), flipping.train_dataloader()
+        a.batch_sampler.set_epoch(epoch)
+        b.batch_sampler.set_epoch(epoch)
+        for (xa, ya), (xb, yb), pairs in zip(a, b, b.batch_sampler.batches()):
+            assert torch.equal(ya, yb)
+            for img_a, img_b, (_, m) in zip(xa, xb, pairs):
+                assert torch.equal(img_b, img_a.flip(-1) if m else img_a)
+                seen[epoch].append(m)
+    assert sorted(seen[0]) != [seen[0][0]] * len(seen[0])  # some mirrored, some not
+    # each image the other way in epoch 1: as many mirrored as were not
+    assert sum(seen[1]) == len(seen[0]) - sum(seen[0])
+
+
 def _datamodule(root, **kw):
     dm = CifarDataModule(str(root), source="unused", **kw)
     dm.prepare_data()

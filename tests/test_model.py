@@ -11,20 +11,35 @@ from cifar_lightning.model.net import build_net, count_params
 from cifar_lightning.schema import CONF_DIR
 from tests.conftest import cfg_for
 
-MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-# every named recipe keeps Model S: the same layers, the same parameter count
-EXPERIMENTS = [None, *sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))]
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+# every recipe that trains Model S keeps it: the same layers, the same parameter count; a
+# distilled recipe too (the teacher is not part of the student)
+STUDENT_RECIPES = [
+    [],
+    *([f"experiment={e}"] for e in EXPERIMENTS if e != "teacher"),
+    *(
+        [f"experiment={e}", "distill.teacher=PATH/TO/teacher.ckpt"]
+        for e in EXPERIMENTS
+        if e != "teacher"
+    ),
+]
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-@pytest.mark.parametrize("model", MODELS)
-def test_parameter_count_matches_keras(model, experiment, tmp_path):
-    recipe = [f"experiment={experiment}"] if experiment else []
-    cfg = cfg_for(tmp_path, tmp_path, f"model={model}", *recipe)
+@pytest.mark.parametrize("recipe", STUDENT_RECIPES, ids=" ".join)
+def test_parameter_count_matches_keras(recipe, tmp_path):
+    cfg = cfg_for(tmp_path, tmp_path, *recipe)
     net = build_net(OmegaConf.to_container(cfg.model, resolve=True))
     assert count_params(net) == (815_018, 896)
     # Lightning would also count num_batches_tracked (6 more); Keras has no such counter.
     assert sum(b.numel() for b in net.buffers()) == 896 + 6
+    assert net(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("recipe", [["model=teacher"], ["experiment=teacher"]], ids=" ".join)
+def test_the_teacher_has_its_own_parameter_count(recipe, tmp_path):
+    net = build_net(OmegaConf.to_container(cfg_for(tmp_path, tmp_path, *recipe).model))
+    assert type(net).__name__ == "TeacherNet"
+    assert count_params(net) == (1_166_538, 1_856)
     assert net(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 10)
 
 
@@ -146,6 +161,18 @@ def test_tta_views_mirror_and_shift_by_whole_pixels():
     assert torch.equal(shift(moved, -1, -1)[..., :-1, :-1], x[..., :-1, :-1])
     views = tta_views(x, True, 2)
     assert torch.equal(views[1], x.flip(-1)) and torch.equal(views[5], shift(x.flip(-1), -2, -2))
+
+
+def test_tta_shift_along_axes_moves_each_view_left_right_up_and_down():
+    from cifar_lightning.model.net import shift, tta_views
+
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    assert [len(tta_views(x, flip, 1, "axes")) for flip in (False, True)] == [5, 10]
+    views = tta_views(x, True, 1, "axes")
+    moves = [(0, 1), (0, -1), (1, 0), (-1, 0)]
+    expected = [x, x.flip(-1)] + [shift(v, dy, dx) for v in (x, x.flip(-1)) for dy, dx in moves]
+    assert all(torch.equal(a, b) for a, b in zip(views, expected))
+    assert torch.equal(views[2][..., :, 1:], x[..., :, :-1])  # right by one pixel, rows kept
 
 
 def test_whitening_init_decorrelates_patches_and_keeps_both_signs():

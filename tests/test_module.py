@@ -225,6 +225,23 @@ def test_tta_shift_averages_probabilities_over_the_six_views(tmp_path):
     assert (logits.softmax(-1) - (probs[0] + probs[1]) / 2).abs().max() > 1e-4
 
 
+def test_tta_shift_along_axes_validates_on_the_ten_views(tmp_path):
+    from cifar_lightning.model.net import tta_views
+
+    module = make_classifier(tmp_path, "tta.flip=true", "tta.shift=1", "tta.shift_along=axes")
+    with torch.no_grad():
+        module.net.classifier[-1].weight.mul_(20)
+    x, _ = image_batch()
+    module.eval()
+    with torch.no_grad():
+        logits = module.evaluation_logits(x)
+        probs = torch.stack([module(v).softmax(-1) for v in tta_views(x, True, 1, "axes")])
+        diagonal = torch.stack([module(v).softmax(-1) for v in tta_views(x, True, 1)])
+    assert len(probs) == 10
+    assert torch.allclose(logits.softmax(-1), probs.mean(0), atol=1e-6)
+    assert (logits.softmax(-1) - diagonal.mean(0)).abs().max() > 1e-4  # the premise
+
+
 def test_norm_bias_decay_false_exempts_batchnorm_and_biases(tmp_path):
     sgd = ["scheduler=none", "optim=sgd", "optim.weight_decay=5e-4"]
     module = make_classifier(tmp_path, *sgd, "optim.norm_bias_decay=false")
@@ -268,10 +285,12 @@ def test_hyperparameters_are_the_config_groups_as_plain_data(tmp_path):
     hp = dict(module.hparams)
     assert set(hp) == {
         *("model", "optim", "scheduler", "class_names", "loss", "augment", "tta", "whiten"),
-        *("speed", "monitor", "image_size", "precision"),
+        *("speed", "monitor", "image_size", "precision", "distill"),
     }
     assert hp["loss"] == {"label_smoothing": 0.1, "l2": 0.0}
-    assert hp["tta"] == {"flip": False, "shift": 2} and hp["precision"] == "bf16-mixed"
+    assert hp["tta"] == {"flip": False, "shift": 2, "shift_along": "diagonal"}
+    assert hp["precision"] == "bf16-mixed"
+    assert hp["distill"] == {"teacher": None, "temperature": 4.0, "weight": 0.5}
     assert "label_smoothing" not in hp["model"] and "tta_flip" not in hp["model"]
     saved = torch.load(save_ckpt(module, tmp_path / "m.ckpt"), weights_only=True)
     assert saved["hyper_parameters"] == hp

@@ -46,6 +46,29 @@ class TensorImages(Dataset):
         return self.images[idx], self.labels[idx]
 
 
+class MirroredImages(Dataset):
+    """Training images mirrored as the batch sampler decides (augment.alternating_flip): it is
+    indexed by the sampler's (index, mirrored) pairs."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, item):
+        i, mirrored = item
+        image, label = self.base[i]
+        return (image.flip(-1) if mirrored else image), label
+
+    def __getitems__(self, items):
+        if not isinstance(self.base, TensorImages):
+            return [self[item] for item in items]  # one sample each, for the default collate
+        images, labels = self.base.__getitems__([i for i, _ in items])
+        mirrored = torch.tensor([m for _, m in items], device=images.device)
+        return torch.where(mirrored[:, None, None, None], images.flip(-1), images), labels
+
+
 def _whole_batch(batch):
     return batch
 
@@ -77,6 +100,7 @@ class CifarDataModule(L.LightningDataModule):
         resize: str = "tf_bilinear",
         seed: int = 0,
         eval_batch_size: int | str = "auto",
+        alternating_flip: bool = False,
     ):
         super().__init__()
         # how images are decoded goes into every checkpoint, so evaluate and predict decode theirs
@@ -87,7 +111,7 @@ class CifarDataModule(L.LightningDataModule):
         self.batch_size, self.image_size, self.cache = batch_size, image_size, cache
         self.num_workers, self.skip_bad_files = num_workers, skip_bad_files
         self.batching, self.resize, self.seed = batching, resize, seed
-        self.eval_batch_size = eval_batch_size
+        self.eval_batch_size, self.alternating_flip = eval_batch_size, alternating_flip
         self.classes: list[str] | None = None
         # role -> (dataset, size of each directory)
         self._data: dict[str, tuple[Dataset, list[int]]] = {}
@@ -173,7 +197,12 @@ class CifarDataModule(L.LightningDataModule):
         # that every epoch trains on the same first batches; it does not look into a custom
         # batch_sampler (ours shuffles per epoch), so the order is fixed here instead.
         fixed = role == "train" and getattr(trainer, "overfit_batches", 0) > 0
-        sampler = DirectoryBatchSampler(sizes, batch_size, mode, self.seed, rank, world, fixed)
+        mirror = role == "train" and self.alternating_flip
+        sampler = DirectoryBatchSampler(
+            sizes, batch_size, mode, self.seed, rank, world, fixed, mirror
+        )
+        if mirror:
+            dataset = MirroredImages(dataset)
         if self.cache:
             return DataLoader(
                 dataset, batch_sampler=sampler, collate_fn=_whole_batch, num_workers=0

@@ -19,7 +19,13 @@ class DirectoryBatchSampler(Sampler[list[int]]):
     every batch is split into world_size contiguous chunks and each rank takes its own:
     data.batch_size stays the global batch, every rank takes the same number of steps, and each
     image is seen once per epoch. DDP averages the ranks' gradients, which equals the
-    single-process step when chunks are equal."""
+    single-process step when chunks are equal.
+
+    mirror=True (augment.alternating_flip) yields (index, mirrored) pairs instead of indices, for
+    MirroredImages: a random half of the images, fixed by the seed, is mirrored in even epochs
+    (0, 2, ...) and the other half in odd ones, so each image is seen both ways every two epochs
+    (airbench's alternating flip, arXiv:2404.00498). Being a function of (seed, epoch), it resumes
+    like the batch order."""
 
     def __init__(
         self,
@@ -30,11 +36,13 @@ class DirectoryBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         fixed: bool = False,
+        mirror: bool = False,
     ):
         if mode not in (*BATCHINGS, "sequential"):
             raise ValueError(f"unknown batching mode {mode!r}")
         self.sizes, self.batch_size, self.mode, self.seed = list(sizes), batch_size, mode, seed
         self.rank, self.world_size, self.epoch, self.fixed = rank, world_size, 0, fixed
+        self.mirror = mirror
         # Lightning calls set_epoch(current_epoch) on `batch_sampler.sampler` before each epoch
         # (also after a resume); we are our own sampler, so the order follows the epoch number.
         self.sampler = self
@@ -56,9 +64,19 @@ class DirectoryBatchSampler(Sampler[list[int]]):
         batches = [b.tolist() for idx in order for b in idx.split(self.batch_size)]
         if self.mode != "sequential":
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        if self.mirror:
+            mirrored = self.mirrored(total).tolist()
+            batches = [[(i, mirrored[i]) for i in b] for b in batches]
         if self.world_size > 1:
             batches = [self._chunk(b) for b in batches]
         return batches
+
+    def mirrored(self, total: int) -> torch.Tensor:
+        """Which of the `total` images this epoch mirrors (bool): the seed's random half in even
+        epochs, the other half in odd ones."""
+        first = torch.Generator().manual_seed(self.seed * 1_000_003 - 1)  # not an epoch's stream
+        half = torch.rand(total, generator=first) < 0.5
+        return half if self.epoch % 2 == 0 else ~half
 
     def _chunk(self, batch: list[int]) -> list[int]:
         n, w, r = len(batch), self.world_size, self.rank

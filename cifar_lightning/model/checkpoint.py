@@ -85,7 +85,11 @@ def hparams_of(ckpt: dict) -> dict:
             "l2": moved["l2"] or 0.0,
         }
         hp["augment"] = {**asdict(AugmentConfig()), **(moved["augment"] or {})}
-        hp["tta"] = {"flip": bool(moved["tta_flip"]), "shift": int(moved["tta_shift"] or 0)}
+        hp["tta"] = {
+            "flip": bool(moved["tta_flip"]),
+            "shift": int(moved["tta_shift"] or 0),
+            "shift_along": "diagonal",
+        }
         hp["whiten"] = {
             "enabled": bool(moved["whiten"]),
             "images": moved["whiten_images"] or WhitenConfig().images,
@@ -146,7 +150,7 @@ def load_net(path: str | Path) -> tuple[ModelS | TestTimeAugment, list[str], dic
         net.load_state_dict(state)
         tta = TestTimeConfig(**hp["tta"])
         if tta.flip or tta.shift:
-            net = TestTimeAugment(net, tta.flip, tta.shift)
+            net = TestTimeAugment(net, tta.flip, tta.shift, tta.shift_along)
     except UserError:
         raise
     except Exception as exc:
@@ -154,6 +158,23 @@ def load_net(path: str | Path) -> tuple[ModelS | TestTimeAugment, list[str], dic
             f"{path}: not a cifar_lightning checkpoint ({type(exc).__name__}: {exc})"
         ) from exc
     return net.eval(), class_names, hp
+
+
+def load_teacher(path: str | Path, class_names: list[str]) -> torch.nn.Module:
+    """The distillation teacher (distill.teacher): the network of a cifar_lightning checkpoint,
+    loaded with weights_only=True, frozen, in eval mode, giving plain logits (no test-time
+    views: it scores the student's own augmented view). Its classes must be the data's."""
+    if not Path(path).is_file():
+        raise UserError(f"distill.teacher={path}: no such file")
+    net, teacher_classes, _ = load_net(path)
+    if teacher_classes != list(class_names):
+        raise UserError(
+            f"distill.teacher={path}: its classes {teacher_classes} are not the data's "
+            f"{list(class_names)}"
+        )
+    if isinstance(net, TestTimeAugment):
+        net = net.net
+    return net.requires_grad_(False).eval()
 
 
 # what evaluate, predict and load_net read; the optimizer's state and the callbacks' are left out

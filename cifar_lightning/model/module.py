@@ -14,12 +14,14 @@ from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_lightning.model.augment import Augment
+from cifar_lightning.model.checkpoint import load_teacher
 from cifar_lightning.model.init import whiten_first_conv
 from cifar_lightning.model.net import build_net, tta_average
 from cifar_lightning.model.optim import build_optimizer
 from cifar_lightning.model.schedule import build_scheduler
 from cifar_lightning.schema import (
     AugmentConfig,
+    DistillConfig,
     LossConfig,
     SpeedConfig,
     TestTimeConfig,
@@ -48,6 +50,7 @@ class Classifier(L.LightningModule):
         monitor: str = "val/loss",
         image_size: int = 32,
         precision: str = "32-true",  # the run's, resolved: evaluate and predict run at it too
+        distill: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)  # loggers get the recipe (loggers.py)
@@ -55,8 +58,26 @@ class Classifier(L.LightningModule):
         self.tta = TestTimeConfig(**tta)
         self.whiten = WhitenConfig(**whiten)
         self.speed = SpeedConfig(**speed)
+        self.distill = DistillConfig(**(distill or {}))
+        # Loaded in setup("fit") and held in a tuple, which nn.Module does not register: the
+        # teacher stays out of the student's state_dict, checkpoints, train()/eval() switches and
+        # weight averages, and evaluate, predict and export never need its file.
+        self.teacher: tuple[torch.nn.Module, ...] = ()
         augment_cfg = AugmentConfig(**augment)
-        self.augment = Augment(**augment) if augment_cfg.active else None
+        # alternating_flip: the batch sampler mirrors the images (data/sampler.py), not Augment
+        random_flip = augment_cfg.flip and not augment_cfg.alternating_flip
+        self.augment = (
+            Augment(
+                flip=random_flip,
+                rotation_deg=augment_cfg.rotation_deg,
+                zoom=augment_cfg.zoom,
+                translate=augment_cfg.translate,
+                crop_pad=augment_cfg.crop_pad,
+                cutout=augment_cfg.cutout,
+            )
+            if augment_cfg.active
+            else None
+        )
         self.net = build_net(model, image_size, self.speed.channels_last)
         if self.speed.compile:
             self.net = torch.compile(self.net, mode=self.speed.compile_mode)
@@ -79,6 +100,8 @@ class Classifier(L.LightningModule):
             x = self.augment(x)
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.loss_cfg.label_smoothing)
+        if self.teacher:
+            loss = self.distilled(loss, logits, x)
         if self.loss_cfg.l2:  # Keras kernel_regularizer: part of the loss and of the reported loss
             kernels = (p for p in self.net.parameters() if p.ndim > 1)
             loss = loss + self.loss_cfg.l2 * sum(p.pow(2).sum() for p in kernels)
@@ -88,6 +111,21 @@ class Classifier(L.LightningModule):
         if self.trainer.is_last_batch:
             self.log_epoch("train")
         return loss
+
+    def distilled(self, label_loss, logits, x) -> torch.Tensor:
+        """(1 - w) x the label loss + w x T^2 x KL(teacher || student) at temperature T (Hinton
+        et al., arXiv:1503.02531); T^2 keeps the soft term's gradients at the label term's scale.
+        The teacher scores the same augmented view as the student, at the run's precision."""
+        with torch.no_grad():
+            teacher_logits = self.teacher[0](x)
+        t, w = self.distill.temperature, self.distill.weight
+        soft = F.kl_div(
+            F.log_softmax(logits.float() / t, -1),
+            F.log_softmax(teacher_logits.float() / t, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        return (1 - w) * label_loss + w * t * t * soft
 
     def evaluation_step(self, batch, stage: str) -> torch.Tensor:
         """Validation and test: the batch's loss and accuracy into the stage's metrics."""
@@ -101,7 +139,7 @@ class Classifier(L.LightningModule):
         """What validation and test score: the log of the mean probability over the `tta` views
         (mirrored, shifted), or the plain logits without test-time views."""
         if self.tta.flip or self.tta.shift:
-            return tta_average(self, x, self.tta.flip, self.tta.shift)
+            return tta_average(self, x, self.tta.flip, self.tta.shift, self.tta.shift_along)
         return self(x)
 
     def validation_step(self, batch, batch_idx):
@@ -128,6 +166,10 @@ class Classifier(L.LightningModule):
                 f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=stage == "val"
             )
 
+    def on_fit_start(self):
+        if self.teacher:  # the Trainer has moved the student to its device by now
+            self.teacher[0].to(self.device)
+
     def on_train_epoch_start(self):
         # An epoch cut short (max_steps) logged nothing, so Lightning did not reset these.
         self.train_loss.reset()
@@ -152,6 +194,8 @@ class Classifier(L.LightningModule):
             scheduler.step()
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.distill.teacher and not self.teacher:
+            self.teacher = (load_teacher(self.distill.teacher, self.hparams.class_names),)
         # Before Lightning restores a checkpoint (which then replaces these weights on resume),
         # and with no random numbers drawn, so a resumed run's random streams stay aligned.
         if stage == "fit" and self.whiten.enabled:
