@@ -16,8 +16,9 @@
 #                    at fp32 (does compiling pay off?); then, on a GPU, the CUDA tests and
 #                    benchmarks/step_overhead.py (per-step cost, where the host waits for the GPU)
 #            seeds   3-seed multiruns of the reproduction and experiment=next
-#            accuracy  3-seed multiruns of experiment=fast as planned and planned one epoch shorter (its N
-#                    and N-1), then of experiment=best (RESULTS.md's accuracy rows)
+#            accuracy  experiment=teacher, then 3-seed multiruns of experiment=fast_distilled (from that
+#                    teacher) and fast, each as planned and one epoch shorter (its N and N-1), then of
+#                    best_distilled and best (RESULTS.md's accuracy rows)
 # A part that fails is logged and the next one still runs; the exit status says whether any failed.
 # Run it from a clone: it installs the clone (editable, no dependencies, no network) unless it is installed.
 # TRAINER=cpu and EXTRA="data.root=... trainer.max_epochs=1" let a CPU machine try the script small.
@@ -107,14 +108,24 @@ if has seeds; then  # one sweep per RESULTS.md row; each sweep directory holds s
       trainer="$trainer" seed=0,1,2 "${extra[@]}" hydra.sweep.dir="$out/seeds_${name:-repro}"
   done
 fi
-if has accuracy; then  # each sweep directory holds summary.md and seeds.csv
-  fast_epochs=$("$py" -c "from cifar_lightning.schema import compose
-print(compose(['experiment=fast']).trainer.max_epochs)")
-  for run in fast "fast_short trainer.max_epochs=$((fast_epochs - 1))" best; do
-    read -r name more <<<"$run"
-    step "accuracy_$name" "$out/accuracy_$name.log" "$py" -m cifar_lightning.train -m \
-      experiment="${name%_short}" trainer="$trainer" seed=0,1,2 $more "${extra[@]}" \
-      hydra.sweep.dir="$out/accuracy_$name"
+if has accuracy; then  # in priority order: the teacher, fast's seeds, best's; sweeps hold summary.md
+  step accuracy_teacher "$out/accuracy_teacher.log" "$py" -m cifar_lightning.train \
+    experiment=teacher trainer="$trainer" test=false "${extra[@]}" hydra.run.dir="$out/accuracy_teacher"
+  teacher="$out/accuracy_teacher/checkpoints/last.ckpt"
+  [[ -f $teacher ]] || teacher=docs/results/teacher_xeon/teacher.ckpt  # the committed one
+  for name in fast_distilled fast best_distilled best; do
+    more=()
+    [[ $name == *_distilled ]] && more=(distill.teacher="$teacher")
+    epochs=$("$py" -c "from cifar_lightning.schema import compose
+print(compose(['experiment=$name', 'distill.teacher=X']).trainer.max_epochs)")
+    runs=("$name")
+    [[ $name == fast* ]] && runs+=("${name}_short trainer.max_epochs=$((epochs - 1))")  # N and N-1
+    for run in "${runs[@]}"; do
+      read -r tag shorter <<<"$run"
+      step "accuracy_$tag" "$out/accuracy_$tag.log" "$py" -m cifar_lightning.train -m \
+        experiment="$name" trainer="$trainer" seed=0,1,2 $shorter "${more[@]}" "${extra[@]}" \
+        hydra.sweep.dir="$out/accuracy_$tag"
+    done
   done
 fi
 echo "results in $out${failed[*]:+; failed: ${failed[*]}}"

@@ -136,8 +136,8 @@ def test_gpu_results_installs_the_clone_unless_its_configs_are_importable(tmp_pa
         assert commands.index(INSTALL) < prepare
 
 
-def test_the_accuracy_part_sweeps_fast_as_planned_and_one_epoch_shorter_then_best(tmp_path):
-    # a stand-in interpreter records each command; for the config read it answers 7 epochs
+def test_the_accuracy_part_trains_the_teacher_then_sweeps_fast_then_best(tmp_path):
+    # a stand-in interpreter records each command; for the config reads it answers 7 epochs
     calls, fake_python = tmp_path / "calls.txt", tmp_path / "python"
     fake_python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\necho 7\n')
     fake_python.chmod(0o755)
@@ -150,15 +150,20 @@ def test_the_accuracy_part_sweeps_fast_as_planned_and_one_epoch_shorter_then_bes
         timeout=60,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    sweeps = [c for c in calls.read_text().splitlines() if c.startswith("-m cifar_lightning.train")]
-    assert len(sweeps) == 3
-    assert all(" -m " in s and "seed=0,1,2" in s and "trainer=cpu" in s for s in sweeps)
-    assert "experiment=fast " in sweeps[0] and "max_epochs" not in sweeps[0]
-    assert "experiment=fast " in sweeps[1] and "trainer.max_epochs=6" in sweeps[1]
-    assert "experiment=best " in sweeps[2]
+    runs = [c for c in calls.read_text().splitlines() if c.startswith("-m cifar_lightning.train")]
+    teacher, sweeps = runs[0], runs[1:]
+    assert "experiment=teacher" in teacher and " -m " not in teacher and "test=false" in teacher
+    names = ["fast_distilled", "fast_distilled_short", "fast", "fast_short", "best_distilled", "best"]
     assert [s.split("hydra.sweep.dir=")[1] for s in sweeps] == [
-        f"{tmp_path / 'gpu'}/accuracy_{name}" for name in ("fast", "fast_short", "best")
+        f"{tmp_path / 'gpu'}/accuracy_{name}" for name in names
     ]
+    assert all(" -m " in s and "seed=0,1,2" in s and "trainer=cpu" in s for s in sweeps)
+    for sweep, name in zip(sweeps, names):
+        assert f"experiment={name.removesuffix('_short')} " in sweep
+        assert ("trainer.max_epochs=6" in sweep) == name.endswith("_short")
+        # the fake run wrote no checkpoint, so the students fall back to the committed teacher
+        distilled = "distill.teacher=docs/results/teacher_xeon/teacher.ckpt" in sweep
+        assert distilled == ("distilled" in name)
 
 
 def test_gpu_results_usage_names_every_part_it_runs_by_default():
